@@ -1,0 +1,88 @@
+"""The SparseLearn training-time pieces: the variance-preserving noise gate and the denoiser.
+
+Training path (see ``docs`` in the README):
+
+    alpha = soft_topk(scores, k, tau)                      # sum(alpha) = k, alpha in [0, 1]
+    x~_i  = sqrt(alpha_i) * norm(x_i) + sqrt(1 - alpha_i) * eps_i,   eps ~ N(0, I)
+    x^    = DiagonalDenoiser(x~)
+
+Neither piece is used at inference, where Hard Top-K gathers the clean tokens instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def _safe_sqrt(a: Array) -> Array:
+    # sqrt has an infinite derivative at 0; alpha is exactly 0 on padding and underflows for
+    # dropped tokens. The double-where keeps that gradient at 0 instead of inf * 0 = NaN.
+    positive = a > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, a, 1.0)), 0.0)
+
+
+def vp_noise(x: Array, alpha: Array, noise: Array) -> Array:
+    """Variance-preserving mix: sqrt(alpha) * x + sqrt(1 - alpha) * noise.
+
+    x, noise: [..., N, D]; alpha: [..., N] in [0, 1]. For unit-variance x and noise the output has
+    unit variance for every alpha.
+    """
+    alpha = jnp.clip(alpha.astype(jnp.float32), 0.0, 1.0)[..., None]
+    out = _safe_sqrt(alpha) * x.astype(jnp.float32) + _safe_sqrt(1.0 - alpha) * noise.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def standardize_tokens(x: Array, eps: float = 1e-6) -> Array:
+    """Parameter-free per-token standardisation over the feature axis: [..., D] -> mean 0, var 1."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, -1, keepdims=True)
+    var = jnp.var(xf, -1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class VPNoiseGate(nnx.Module):
+    """Replaces dropped tokens by isotropic noise while preserving feature variance.
+
+    Features are standardised per token first (``normalize=True``) so that the noise is on the same
+    scale as the signal. The noise comes from the key passed in (training code derives it from the
+    step), so the gate is deterministic given that key.
+    """
+
+    def __init__(self, normalize: bool = True, eps: float = 1e-6):
+        self.normalize = normalize
+        self.eps = eps
+
+    def __call__(self, x: Array, alpha: Array, key: Array) -> Array:
+        """x [B, N, D], alpha [B, N] (the soft mask), key: a PRNG key -> [B, N, D]."""
+        if self.normalize:
+            x = standardize_tokens(x, self.eps)
+        noise = jax.random.normal(key, x.shape, jnp.float32)
+        return vp_noise(x, alpha, noise)
+
+
+class DiagonalDenoiser(nnx.Module):
+    """One pre-norm transformer block whose attention mask is the identity.
+
+    With only the diagonal allowed, each softmax row is exactly 1 on the token itself, so attention
+    reduces to out_proj(value_proj(x_i)): no N x N matrix is ever formed and no token can copy content
+    from another (noisy tokens cannot be restored from clean neighbours). Query/key projections would
+    have no effect on the output, so the block has none.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.ln1 = nnx.LayerNorm(dim, param_dtype=param_dtype, rngs=rngs)
+        self.value = nnx.Linear(dim, dim, param_dtype=param_dtype, rngs=rngs)
+        self.out = nnx.Linear(dim, dim, param_dtype=param_dtype, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, param_dtype=param_dtype, rngs=rngs)
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nnx.Linear(dim, hidden, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """x [..., N, D] -> [..., N, D]; every output token depends on its own input token only."""
+        x = x + self.out(self.value(self.ln1(x)))
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)), approximate=False))
