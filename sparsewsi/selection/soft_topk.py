@@ -75,7 +75,8 @@ def _solve_threshold(x: Array, tau: Array, mask: Array, k: int, max_iter: int) -
       tau: [..., 1] positive temperatures.
       mask: [..., N] bool validity.
     Returns:
-      t: [..., 1] thresholds (arbitrary but finite in rows with <= k valid tokens).
+      (t, center): [..., 1] each; the threshold is center + t, and the mask is
+      sigmoid(((x - center) - t) / tau). Both are arbitrary but finite in rows with <= k valid tokens.
     """
     dtype = x.dtype
     maskf = mask.astype(dtype)
@@ -93,6 +94,12 @@ def _solve_threshold(x: Array, tau: Array, mask: Array, k: int, max_iter: int) -
     lo = xmin - shift
     hi = xmax - shift
     t = _initial_threshold(x, maskf, n_valid, k, lo, hi)
+    # Solve for the threshold relative to the first guess: with |x| ~ 1e4 a float32 threshold has
+    # a resolution of ~1e-3, too coarse for a small tau; shifted scores near the boundary are
+    # represented (and subtracted) exactly.
+    center = t
+    x = x - center
+    lo, hi, t = lo - center, hi - center, jnp.zeros_like(t)
 
     eps = jnp.finfo(dtype).eps
     ftol = jnp.asarray(k * (1e-7 if dtype == jnp.float64 else 2e-6), dtype)
@@ -129,32 +136,32 @@ def _solve_threshold(x: Array, tau: Array, mask: Array, k: int, max_iter: int) -
     f0, fp0 = evaluate(t)
     state = (jnp.asarray(0, jnp.int32), t, lo, hi, f0, fp0)
     _, t, *_ = jax.lax.while_loop(cond, body, state)
-    return t
+    return t, center
 
 
-def _mask_from_threshold(x, t, tau, mask, k):
+def _mask_from_threshold(x, t, center, tau, mask, k):
     maskf = mask.astype(x.dtype)
     n_valid = jnp.sum(maskf, -1, keepdims=True)
-    m = jax.nn.sigmoid((x - t) / tau) * maskf
+    m = jax.nn.sigmoid(((x - center) - t) / tau) * maskf
     # With <= k valid tokens the budget covers them all: every valid token is selected outright.
     return jnp.where(n_valid > k, m, maskf)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _soft_topk(k: int, max_iter: int, x: Array, tau: Array, mask: Array) -> Array:
-    t = _solve_threshold(x, tau, mask, k, max_iter)
-    return _mask_from_threshold(x, t, tau, mask, k)
+    t, center = _solve_threshold(x, tau, mask, k, max_iter)
+    return _mask_from_threshold(x, t, center, tau, mask, k)
 
 
 def _soft_topk_fwd(k, max_iter, x, tau, mask):
-    t = _solve_threshold(x, tau, mask, k, max_iter)
-    m = _mask_from_threshold(x, t, tau, mask, k)
-    return m, (m, x, t, tau, mask)
+    t, center = _solve_threshold(x, tau, mask, k, max_iter)
+    m = _mask_from_threshold(x, t, center, tau, mask, k)
+    return m, (m, x, t, center, tau, mask)
 
 
 def _soft_topk_bwd(k, max_iter, residuals, v):
     del max_iter
-    m, x, t, tau, mask = residuals
+    m, x, t, center, tau, mask = residuals
     maskf = mask.astype(x.dtype)
     n_valid = jnp.sum(maskf, -1, keepdims=True)
     s = m * (1 - m) * maskf * (n_valid > k)
@@ -162,7 +169,7 @@ def _soft_topk_bwd(k, max_iter, residuals, v):
     safe_sum = jnp.where(s_sum > 0, s_sum, 1)
     sv = jnp.sum(s * v, -1, keepdims=True)
     grad_x = (s * v - jnp.where(s_sum > 0, s * sv / safe_sum, 0)) / tau
-    z = jnp.where(mask, (x - t) / tau, 0)
+    z = jnp.where(mask, ((x - center) - t) / tau, 0)
     zbar = jnp.where(s_sum > 0, jnp.sum(s * z, -1, keepdims=True) / safe_sum, 0)
     grad_tau = -jnp.sum(v * s * (z - zbar), -1, keepdims=True) / tau
     return grad_x, grad_tau, None
