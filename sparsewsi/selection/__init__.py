@@ -24,3 +24,7 @@ __all__ = [
     "standardize_scores",
     "vp_noise",
 ]
+
+from sparsewsi.selection.baselines import SELECTORS, pad_selections, select_indices  # noqa: E402
+
+__all__ += ["SELECTORS", "pad_selections", "select_indices"]
