@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sparsewsi.info", "print versions, devices and where things are installed"),
+    "extract": ("sparsewsi.features.extract_cli", "slides -> TRIDENT-layout .h5 patch features (tissue, grid, encoder)"),
 }
 
 
