@@ -127,6 +127,7 @@ def tissue_from_rgb(rgb: np.ndarray, pixel_um: float, params: TissueParams = Tis
     if rad > 0:
         # Pad before closing so objects touching the border are not eroded by the implicit zero edge.
         mask = ndimage.binary_closing(np.pad(mask, rad), structure=_disk(rad))[rad:-rad, rad:-rad]
+    mask &= valid  # closing must not bridge tissue across a pen stroke or padding
     px_area = pixel_um * pixel_um
     hole_px = params.max_hole_area_um2 / px_area
     if hole_px > 0:
