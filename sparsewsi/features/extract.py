@@ -201,6 +201,7 @@ def extract_slide(path: str, out_dir: str, encoder: DeviceEncoder, cfg: ExtractC
 
     t0 = time.perf_counter()
     name = slide_name(path)
+    os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{name}.h5")
     res = SlideResult(slide=path, status="failed", output=out)
     if output_is_valid(out, encoder.model_cfg.name, encoder.weights_sha256):
@@ -278,8 +279,8 @@ def extract_slide(path: str, out_dir: str, encoder: DeviceEncoder, cfg: ExtractC
     except SlideError as err:
         res.reason = str(err)
     except Exception as err:  # keep the batch going; report what happened
-        res.reason = f"{path}: {type(err).__name__}: {err}"
-        res.reason += " | " + traceback.format_exc(limit=3).strip().splitlines()[-1]
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        res.reason = f"{path}: {type(err).__name__}: {err} (at {os.path.basename(where.filename)}:{where.lineno})"
     finally:
         if slide is not None:
             slide.close()
