@@ -1,0 +1,79 @@
+"""Hyper-parameters of the assembled SparseWSI model (hashable, so it can be a static jit argument)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from sparsewsi.llm import LLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseWSIConfig:
+    """Scorer -> (Soft Top-K + VP noise gate + denoiser | Hard Top-K) -> projector -> LLM.
+
+    Attributes:
+      feature_dim: D, the width of the frozen patch features (512 for CONCH, 1024 for UNI).
+      llm: the decoder's configuration.
+      image_token_id: id of the ``<image>`` placeholder in the prompt (replaced by the visual tokens).
+      k: the visual-token budget (Soft Top-K budget in training, Hard Top-K at inference).
+      candidate_cap: training-time cap M (0 = off): only the M best-scored tokens (M >> k) enter the
+        noise gate, denoiser and LLM. Tokens outside carry ~zero mask mass, hence only noise and ~zero
+        gradient; the cap trades that for a cost that no longer grows with N in the LLM.
+      scorer_kind / scorer_hidden / scorer_depth / scorer_heads: the scorer backbone (see ``Scorer``).
+      tau_start / tau_end / tau_steps: cosine temperature schedule of the Soft Top-K (in units of the
+        bag's score standard deviation, since scores are standardised per bag).
+      denoiser: whether training uses the diagonal-attention denoiser after the noise gate.
+      projector_hidden: hidden width of the projector MLP (0 -> the LLM hidden size).
+      llm_seed: seed of a randomly initialised LLM (used when no pretrained folder is given).
+      seed: seed of the new modules (scorer, denoiser, projector).
+    """
+
+    feature_dim: int
+    llm: LLMConfig
+    image_token_id: int
+    k: int = 32
+    candidate_cap: int = 0
+    scorer_kind: str = "mlp"
+    scorer_hidden: int = 256
+    scorer_depth: int = 2
+    scorer_heads: int = 8
+    tau_start: float = 2.0
+    tau_end: float = 0.1
+    tau_steps: int = 2000
+    denoiser: bool = True
+    projector_hidden: int = 0
+    llm_seed: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.candidate_cap and self.candidate_cap < self.k:
+            raise ValueError(f"candidate_cap {self.candidate_cap} must be 0 (off) or >= k={self.k}")
+        if not 0 <= self.image_token_id < self.llm.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary (size {self.llm.vocab_size})")
+
+    def replace(self, **changes) -> "SparseWSIConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["llm"] = dataclasses.asdict(self.llm)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SparseWSIConfig":
+        d = dict(d)
+        llm = dict(d.pop("llm"))
+        # JSON turns tuples into lists; the LLM config must stay hashable.
+        for key, value in list(llm.items()):
+            if isinstance(value, list):
+                llm[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        return cls(llm=LLMConfig(**llm), **d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
