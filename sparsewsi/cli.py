@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sparsewsi.info", "print versions, devices and where things are installed"),
+    "eval": ("sparsewsi.eval_cli", "evaluate on SlideBench-VQA/Caption or WSI-VQA: sharded, resumable, with baselines"),
+    "score": ("sparsewsi.evaluation.score_cli", "score existing predictions (CSV output column / JSON lines) or merge a run"),
     "extract": ("sparsewsi.features.extract_cli", "slides -> TRIDENT-layout .h5 patch features (tissue, grid, encoder)"),
 }
 
