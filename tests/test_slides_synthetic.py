@@ -177,3 +177,15 @@ def test_corrupt_and_non_image_files(fixtures, tmp_path):
     with W.open_slide(tmp_path / "garbled.svs") as slide:
         with pytest.raises(W.SlideError, match=r"garbled.svs: cannot read level 0 region"):
             slide.read_level_region(0, 0, 0, slide.dimensions[0], slide.dimensions[1])
+
+
+def test_zarr_fallback_reads_the_same_patches(fixtures):
+    """Layouts without direct tile access go through tiffslide's zarr store: same pixels."""
+    path, _ = fixtures["tiff_nonround"]
+    with W.open_slide(path) as slide:
+        g = G.patch_grid(slide, TI.detect_tissue(slide))
+        direct = np.concatenate([px for _, px in T.iter_blocks(slide, g, num_threads=0)])
+        slide._tiled = [None] * slide.level_count
+        assert slide.tile_grid(0) is None
+        fallback = np.concatenate([px for _, px in T.iter_blocks(slide, g, num_threads=0)])
+    np.testing.assert_array_equal(direct, fallback)

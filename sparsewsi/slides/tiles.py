@@ -2,10 +2,12 @@
 
 Per-patch ``read_region`` (how CLAM/TRIDENT read) decodes every JPEG tile several times: an
 unaligned 224-448 px window touches up to 9 tiles, and neighbouring patches share them. Here the
-kept patches are grouped into blocks of ``b x b`` grid cells; each block's bounding box is read
-with one slice of the level's zarr array (every tile inside it decoded once) and cut into patches.
-Only the tile rows/columns on a block border are decoded twice, i.e. about ``tile / block_px`` of
-the work per axis (~8% per axis with 3072 px blocks and 240-256 px tiles).
+kept patches are grouped into blocks of ``b x b`` grid cells; inside a block every tile that some
+patch needs is read (``os.pread``) and decoded exactly once, and its pixels are copied straight
+into the source window of each patch that overlaps it (no block image is assembled; tiles no patch
+touches are never decoded). Only tiles on a block border are decoded twice, about
+``tile / block_px`` of the work per axis (~8% per axis with 3072 px blocks and 240-256 px tiles).
+Layouts without direct tile access fall back to one region read per block through tiffslide.
 
 Patches are resampled from the chosen level with area interpolation (PIL ``BOX`` filter over the
 exact, possibly fractional, source box), so exact-physical-size grids need no rounding of the
@@ -27,42 +29,22 @@ from sparsewsi.slides.wsi import Slide
 
 
 @dataclasses.dataclass(frozen=True)
-class Block:
-    """A rectangle of level ``level`` pixels and the kept patches it contains.
+class Windows:
+    """Integer source windows of every grid patch at the read level.
 
-    ``indices`` index into the grid's coords; ``x0, y0, w, h`` is the region at the read level.
+    Patch n is made from level pixels [iy[n], iy[n] + side) x [ix[n], ix[n] + side):
+    ``how == "crop"``: taken as is (side = P); ``"reduce"``: side = k * P, box-averaged by k;
+    ``"resize"``: area-resampled from the fractional box (ox[n], oy[n]) + ``ps_l`` inside it.
     """
 
-    indices: np.ndarray
-    x0: int
-    y0: int
-    w: int
-    h: int
-
-
-def plan_blocks(grid: PatchGrid, block_px: int = 3072) -> list[Block]:
-    """Group the grid's kept patches into blocks about ``block_px`` level pixels wide, raster order."""
-    n = len(grid)
-    if n == 0:
-        return []
-    ds = grid.level.downsample
-    ps_l = grid.patch_size_level0 / ds
-    st_l = grid.stride_level0 / ds
-    b = max(1, int(round(block_px / max(st_l, 1.0))))
-    col = np.round(grid.coords[:, 0] / grid.stride_level0).astype(np.int64)
-    row = np.round(grid.coords[:, 1] / grid.stride_level0).astype(np.int64)
-    key = (row // b) * (int(col.max()) // b + 1) + (col // b)
-    order = np.lexsort((col, row, key))  # by block, then raster inside the block
-    key_sorted = key[order]
-    cuts = np.flatnonzero(np.diff(key_sorted)) + 1
-    blocks = []
-    for idx in np.split(order, cuts):
-        xs = grid.coords[idx, 0] / ds
-        ys = grid.coords[idx, 1] / ds
-        x0, y0 = int(math.floor(xs.min())), int(math.floor(ys.min()))
-        x1, y1 = int(math.ceil(xs.max() + ps_l)), int(math.ceil(ys.max() + ps_l))
-        blocks.append(Block(indices=idx, x0=x0, y0=y0, w=x1 - x0, h=y1 - y0))
-    return blocks
+    how: str
+    k: int
+    side: int
+    ps_l: float
+    ix: np.ndarray
+    iy: np.ndarray
+    ox: np.ndarray
+    oy: np.ndarray
 
 
 def resample_plan(ps_l: float, patch_size: int) -> tuple[str, int]:
@@ -81,43 +63,122 @@ def resample_plan(ps_l: float, patch_size: int) -> tuple[str, int]:
     return "resize", 0
 
 
-def cut_patches(region: np.ndarray, block: Block, grid: PatchGrid) -> np.ndarray:
-    """Cut the block's patches out of ``region`` (block.h, block.w, 3) and resample them.
-
-    Returns (len(block.indices), patch_size, patch_size, 3) uint8.
-    """
-    from PIL import Image
-
+def patch_windows(grid: PatchGrid) -> Windows:
+    """The source window of every patch of ``grid`` (vectorised)."""
     ds = grid.level.downsample
     ps_l = grid.patch_size_level0 / ds
     p = grid.patch_size
-    out = np.empty((len(block.indices), p, p, 3), np.uint8)
-    fx = grid.coords[block.indices, 0] / ds - block.x0
-    fy = grid.coords[block.indices, 1] / ds - block.y0
+    fx = grid.coords[:, 0] / ds
+    fy = grid.coords[:, 1] / ds
     how, k = resample_plan(ps_l, p)
-    rh, rw = region.shape[:2]
-    image = Image.fromarray(region) if how == "resize" else None
-    for n in range(len(block.indices)):
-        if how == "resize":
-            box = (float(fx[n]), float(fy[n]), float(fx[n] + ps_l), float(fy[n] + ps_l))
-            out[n] = np.asarray(image.resize((p, p), Image.BOX, box=box))
-            continue
+    if how == "resize":
+        ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
+        side = int(math.ceil(ps_l)) + 1
+    else:
         side = p if how == "crop" else k * p
-        # Centre the integer crop on the exact footprint; clamp inside the block.
-        ix = min(max(int(round(fx[n] + (ps_l - side) / 2)), 0), rw - side)
-        iy = min(max(int(round(fy[n] + (ps_l - side) / 2)), 0), rh - side)
-        crop = region[iy:iy + side, ix:ix + side]
-        if how == "crop":
-            out[n] = crop
+        # Centre the integer window on the exact footprint (error < half a source pixel).
+        ix = np.round(fx + (ps_l - side) / 2).astype(np.int64)
+        iy = np.round(fy + (ps_l - side) / 2).astype(np.int64)
+    return Windows(how, k, side, ps_l, ix, iy, fx - ix, fy - iy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Kept patches read together, and the rectangle of read-level pixels their windows cover.
+
+    ``indices`` index into the grid's coords; ``x0, y0, w, h`` is the union of their windows.
+    """
+
+    indices: np.ndarray
+    x0: int
+    y0: int
+    w: int
+    h: int
+
+
+def plan_blocks(grid: PatchGrid, block_px: int = 3072, windows: Windows | None = None) -> list[Block]:
+    """Group the grid's kept patches into blocks about ``block_px`` level pixels wide, raster order."""
+    n = len(grid)
+    if n == 0:
+        return []
+    win = windows or patch_windows(grid)
+    st_l = grid.stride_level0 / grid.level.downsample
+    b = max(1, int(round(block_px / max(st_l, 1.0))))
+    col = np.round(grid.coords[:, 0] / grid.stride_level0).astype(np.int64)
+    row = np.round(grid.coords[:, 1] / grid.stride_level0).astype(np.int64)
+    key = (row // b) * (int(col.max()) // b + 1) + (col // b)
+    order = np.lexsort((col, row, key))  # by block, then raster inside the block
+    cuts = np.flatnonzero(np.diff(key[order])) + 1
+    blocks = []
+    for idx in np.split(order, cuts):
+        x0, y0 = int(win.ix[idx].min()), int(win.iy[idx].min())
+        x1, y1 = int(win.ix[idx].max()) + win.side, int(win.iy[idx].max()) + win.side
+        blocks.append(Block(indices=idx, x0=x0, y0=y0, w=x1 - x0, h=y1 - y0))
+    return blocks
+
+
+def _sources_from_tiles(slide: Slide, level: int, ix: np.ndarray, iy: np.ndarray, side: int,
+                        tg: tuple[int, int, int, int]) -> np.ndarray:
+    """Fill (n, side, side, 3) windows by decoding each needed tile once and scattering its pixels
+    straight into the windows that overlap it (one copy; no block image is assembled)."""
+    tw, th, _, _ = tg
+    H, W = slide.level_array(level).shape[:2]
+    n = len(ix)
+    src = np.zeros((n, side, side, 3), np.uint8)
+    users: dict[tuple[int, int], list[int]] = {}
+    for j in range(n):
+        x0, y0 = max(int(ix[j]), 0), max(int(iy[j]), 0)
+        x1, y1 = min(int(ix[j]) + side, W), min(int(iy[j]) + side, H)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                users.setdefault((ty, tx), []).append(j)
+    for (ty, tx), js in sorted(users.items()):
+        tile = slide.decode_tile(level, tx, ty)
+        if tile is None:
+            continue
+        tx0, ty0 = tx * tw, ty * th
+        tx1, ty1 = min(tx0 + tw, W), min(ty0 + th, H)  # edge tiles are padded beyond the image
+        for j in js:
+            ax0, ay0 = max(tx0, int(ix[j])), max(ty0, int(iy[j]))
+            ax1, ay1 = min(tx1, int(ix[j]) + side), min(ty1, int(iy[j]) + side)
+            src[j, ay0 - iy[j]:ay1 - iy[j], ax0 - ix[j]:ax1 - ix[j]] = tile[ay0 - ty0:ay1 - ty0, ax0 - tx0:ax1 - tx0, :3]
+    return src
+
+
+def read_block(slide: Slide, grid: PatchGrid, block: Block, windows: Windows | None = None) -> np.ndarray:
+    """Decode one block and return its patches (n, P, P, 3) uint8.
+
+    Raises:
+      SlideError: naming the file, level and region when a tile cannot be read or decoded.
+    """
+    from PIL import Image
+
+    win = windows or patch_windows(grid)
+    level, idx, p = grid.level.level, block.indices, grid.patch_size
+    ix, iy = win.ix[idx], win.iy[idx]
+    tg = slide.tile_grid(level)
+    if tg is not None:
+        try:
+            src = _sources_from_tiles(slide, level, ix, iy, win.side, tg)
+        except Exception as err:
+            raise slide.region_error(level, block.x0, block.y0, block.x0 + block.w, block.y0 + block.h, err) from err
+    else:  # layouts without direct tile access: one region read through tiffslide's zarr store
+        region = slide.read_level_region(level, block.x0, block.y0, block.w, block.h)
+        src = np.stack([region[y - block.y0:y - block.y0 + win.side, x - block.x0:x - block.x0 + win.side]
+                        for x, y in zip(ix, iy)])
+    if win.how == "crop":
+        return src
+    out = np.empty((len(idx), p, p, 3), np.uint8)
+    for j in range(len(idx)):
+        img = Image.fromarray(src[j])
+        if win.how == "reduce":
+            out[j] = np.asarray(img.reduce(win.k))
         else:
-            out[n] = np.asarray(Image.fromarray(crop).reduce(k))
+            ox, oy = float(win.ox[idx[j]]), float(win.oy[idx[j]])
+            out[j] = np.asarray(img.resize((p, p), Image.BOX, box=(ox, oy, ox + win.ps_l, oy + win.ps_l)))
     return out
-
-
-def read_block(slide: Slide, grid: PatchGrid, block: Block) -> np.ndarray:
-    """Decode one block and return its patches (n, P, P, 3) uint8."""
-    region = slide.read_level_region(grid.level.level, block.x0, block.y0, block.w, block.h)
-    return cut_patches(region, block, grid)
 
 
 def iter_blocks(slide: Slide, grid: PatchGrid, *, block_px: int = 3072, num_threads: int = 2,
@@ -128,24 +189,25 @@ def iter_blocks(slide: Slide, grid: PatchGrid, *, block_px: int = 3072, num_thre
     flight, so decoding overlaps whatever the consumer does (e.g. running the encoder). A read
     error is raised from the iterator (as :class:`~sparsewsi.slides.wsi.SlideError`).
     """
-    blocks = plan_blocks(grid, block_px)
+    win = patch_windows(grid)
+    blocks = plan_blocks(grid, block_px, win)
     if num_threads <= 0:
         for blk in blocks:
-            yield blk.indices, read_block(slide, grid, blk)
+            yield blk.indices, read_block(slide, grid, blk, win)
         return
     with futures.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="sparsewsi-tiles") as pool:
         pending: collections.deque = collections.deque()
         it = iter(blocks)
         try:
             for blk in it:
-                pending.append((blk, pool.submit(read_block, slide, grid, blk)))
+                pending.append((blk, pool.submit(read_block, slide, grid, blk, win)))
                 if len(pending) >= max(prefetch, 1):
                     break
             while pending:
                 blk, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(read_block, slide, grid, nxt)))
+                    pending.append((nxt, pool.submit(read_block, slide, grid, nxt, win)))
                 yield blk.indices, fut.result()
         finally:
             for _, fut in pending:

@@ -249,33 +249,60 @@ class Slide:
                 self._read_tiles(level, out, x, y, x0, y0, x1, y1)
             else:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = np.asarray(arr[y0:y1, x0:x1])[..., :3]
-        except SlideError:
-            raise
         except Exception as err:
-            raise SlideError(
-                f"{self.path}: cannot read level {level} region x={x0}..{x1} y={y0}..{y1} "
-                f"({type(err).__name__}: {err})"
-            ) from err
+            raise self.region_error(level, x0, y0, x1, y1, err) from err
         return out
 
-    def _read_tiles(self, level, out, x, y, x0, y0, x1, y1) -> None:
+    def region_error(self, level: int, x0: int, y0: int, x1: int, y1: int, err: Exception) -> SlideError:
+        """A :class:`SlideError` naming the file, the level and region, and the underlying problem."""
+        detail = str(err)
+        if detail.startswith(self.path + ": "):
+            detail = detail[len(self.path) + 2:]
+        elif not isinstance(err, SlideError):
+            detail = f"{type(err).__name__}: {detail}"
+        return SlideError(f"{self.path}: cannot read level {level} region x={x0}..{x1} y={y0}..{y1} ({detail})")
+
+    def tile_grid(self, level: int) -> tuple[int, int, int, int] | None:
+        """(tile width, tile height, tiles across, tiles down) when ``level`` is directly decodable."""
+        if self._tiled[level] is None:
+            return None
+        page = self._tiled[level][0]
+        tw, th = page.tilewidth, page.tilelength
+        return tw, th, -(-page.imagewidth // tw), -(-page.imagelength // th)
+
+    def decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray | None:
+        """Tile (tx, ty) of ``level`` as (tile height, tile width, >=3) uint8; None for a sparse
+        (absent) tile, which reads as black. Requires :meth:`tile_grid` to be non-None.
+
+        Raises:
+          SlideError: truncated or undecodable tile data (callers add the region).
+        """
         page, fd = self._tiled[level]
         tw, th = page.tilewidth, page.tilelength
-        ntx = -(-page.imagewidth // tw)
-        offsets, counts = page.dataoffsets, page.databytecounts
+        index = ty * (-(-page.imagewidth // tw)) + tx
+        count = page.databytecounts[index]
+        if count == 0:
+            return None
+        data = os.pread(fd, count, page.dataoffsets[index])
+        if len(data) != count:
+            raise SlideError(f"{self.path}: level {level} tile {index} is truncated ({len(data)} of {count} bytes)")
+        try:
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        except Exception as err:
+            raise SlideError(f"{self.path}: level {level} tile {index} cannot be decoded "
+                             f"({type(err).__name__}: {err})") from err
+        if tile is None:
+            raise SlideError(f"{self.path}: level {level} tile {index} could not be decoded")
+        return tile.reshape(th, tw, -1)
+
+    def _read_tiles(self, level, out, x, y, x0, y0, x1, y1) -> None:
+        page, _ = self._tiled[level]
+        tw, th = page.tilewidth, page.tilelength
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                index = ty * ntx + tx
-                if counts[index] == 0:  # sparse tile: stays black, like tiffslide's fill value
+                tile = self.decode_tile(level, tx, ty)
+                if tile is None:  # sparse tile: stays black, like tiffslide's fill value
                     continue
-                data = os.pread(fd, counts[index], offsets[index])
-                if len(data) != counts[index]:
-                    raise SlideError(f"{self.path}: level {level} tile {index} is truncated "
-                                     f"({len(data)} of {counts[index]} bytes)")
-                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                if tile is None:
-                    raise SlideError(f"{self.path}: level {level} tile {index} could not be decoded")
-                tile = tile.reshape(th, tw, -1)
                 # Intersection of this tile with the requested region, in image coordinates.
                 ax0, ay0 = max(tx * tw, x0), max(ty * th, y0)
                 ax1, ay1 = min((tx + 1) * tw, x1), min((ty + 1) * th, y1)
