@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sparsewsi.info", "print versions, devices and where things are installed"),
     "eval": ("sparsewsi.eval_cli", "evaluate on SlideBench-VQA/Caption or WSI-VQA: sharded, resumable, with baselines"),
     "score": ("sparsewsi.evaluation.score_cli", "score existing predictions (CSV output column / JSON lines) or merge a run"),
+    "generate": ("sparsewsi.llm.generate_cli", "chat with a local Hugging Face Qwen2/Llama checkpoint (JAX decoder)"),
     "extract": ("sparsewsi.features.extract_cli", "slides -> TRIDENT-layout .h5 patch features (tissue, grid, encoder)"),
 }
 

@@ -13,6 +13,7 @@ What trains is decided by regexes over dotted parameter paths (``...q_proj.lora.
 * ``trainable_mask(state, patterns)``: the boolean pytree itself.
 
 ``merge_lora(model)`` folds the adapters into the kernels (in place); export merges on the fly.
+Adapters are created on the default device: call ``sharding.shard_model`` afterwards on a mesh.
 """
 
 from __future__ import annotations
@@ -84,10 +85,14 @@ def apply_lora(model: nnx.Module, config: LoRAConfig = LoRAConfig()) -> nnx.Modu
         names = [path_name(p) for p, n in nnx.iter_graph(model) if isinstance(n, Linear)][:6]
         raise ValueError(f"LoRA target_modules {config.target_modules!r} matches no projection; "
                          f"paths look like {names}")
-    rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-    for name, lin in targets:
-        if lin.lora is not None:
-            raise ValueError(f"{name} already has a LoRA adapter (merge_lora first to stack another)")
+    adapted = [name for name, lin in targets if lin.lora is not None]
+    if adapted:
+        raise ValueError(f"{adapted[0]} (and {len(adapted) - 1} more) already has a LoRA adapter; "
+                         "merge_lora first to stack another")
+    key = jax.random.key(config.seed)
+    for i, (name, lin) in enumerate(targets):
+        # One Rngs per adapter: no random state is shared between modules.
+        rngs = nnx.Rngs(params=jax.random.fold_in(key, 2 * i), dropout=jax.random.fold_in(key, 2 * i + 1))
         lin.lora = LoRA(lin.in_features, lin.out_features, config.rank, config.alpha, config.dropout,
                         param_dtype=lin.kernel[...].dtype, rngs=rngs)
     return model
