@@ -15,7 +15,6 @@ scored (``kind``) and the breakdown groups. ``load_eval_set`` detects the benchm
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any
@@ -154,15 +153,3 @@ def load_eval_set(path: os.PathLike | str) -> EvalSet:
     dataset = items[0].dataset if items else layout
     return EvalSet(path=path, sha256=parsed.sha256, layout=layout, dataset=dataset, items=items,
                    problems=list(parsed.problems), counts=dict(parsed.counts))
-
-
-def item_from_json(d: dict[str, Any]) -> EvalItem:
-    """Inverse of :meth:`EvalItem.to_json`."""
-    d = dict(d)
-    d["choices"] = tuple(d.get("choices", ()))
-    return EvalItem(**d)
-
-
-def dumps(obj: Any) -> str:
-    """Compact deterministic JSON (sorted keys) for JSON lines."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -158,13 +158,17 @@ class LLMSelectorPredictor:
                 "max_new_tokens": self.sampling.max_new_tokens, "llm_config": dataclasses.asdict(self.llm.config)}
 
     def _prompt_ids(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids [B, T] and mask [B, T], the image token repeated k times (T bucketed to 32)."""
+        """Left-padded ids [B, T] and mask [B, T], the image token repeated k times.
+
+        T is the next power of two >= 64 of the longest prompt: a handful of compiled shapes over a
+        whole benchmark (question lengths vary), at most 2x padding on the prompt.
+        """
         text = [self.template.format(image="<image>" * self.k, prompt=p) for p in prompts]
         rows = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         for r in rows:
             if sum(t == self.image_id for t in r) != self.k:
                 raise ValueError("the prompt must contain the <image> token exactly once (the question text has one)")
-        t = -(-max(len(r) for r in rows) // 32) * 32
+        t = _bucket(max(len(r) for r in rows), 64)
         ids = np.full((len(rows), t), self.sampling.pad_token_id, np.int32)
         mask = np.zeros((len(rows), t), np.int32)
         for i, r in enumerate(rows):
