@@ -137,3 +137,26 @@ def test_slide_listing_and_sharding_helpers(tmp_path):
     assert [os.path.basename(p) for p in slides] == ["a.svs", "b.tiff", "x.ndpi"]
     shares = [X.slides_for_process(slides, i, 2) for i in range(2)]
     assert sorted(shares[0] + shares[1]) == slides and not set(shares[0]) & set(shares[1])
+
+
+def test_output_validity_and_weights_provenance(tmp_path):
+    import safetensors.numpy
+
+    from sparsewsi.features import weights as WT
+
+    path = str(tmp_path / "s.h5")
+    X.write_features_h5(path, np.ones((3, 4), np.float32), np.zeros((3, 2), np.int64),
+                        {"encoder": "tiny", "encoder_weights_sha256": "abc"})
+    assert X.output_is_valid(path, "tiny", "abc")
+    assert not X.output_is_valid(path, "tiny", "other-weights")  # new weights: extract again
+    assert not X.output_is_valid(path, "conch", "abc")
+    open(path, "r+b").truncate(100)  # a damaged file is redone, not trusted
+    assert not X.output_is_valid(path, "tiny", "abc")
+    wfile = tmp_path / "tiny.safetensors"
+    safetensors.numpy.save_file(WT.export_state_dict(E.create_encoder("tiny", seed=7)), str(wfile))
+    enc = X.DeviceEncoder(X.ExtractConfig(encoder="tiny", weights=str(wfile)))
+    assert enc.weights_sha256 == WT.file_sha256(wfile)
+    got = enc.encode(np.full((3, 224, 224, 3), 128, np.uint8))
+    want = np.asarray(E.create_encoder("tiny", seed=7)(E.preprocess(jnp.full((3, 224, 224, 3), 128, jnp.uint8),
+                                                                     E.get_config("tiny"))))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
