@@ -162,7 +162,8 @@ def main(argv=None):
 
     meta = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "jax": jax.__version__, "devices": [str(d) for d in jax.local_devices()], "reps": args.reps,
-            "threads": args.threads, "note": "single process; best of reps, methods interleaved; shared CPU"}
+            "threads": args.threads, "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+            "note": "single process; best of reps, methods interleaved; CPU shared with other jobs"}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "extract.json"), "w") as f:
         json.dump({"meta": meta, "readers": rows, "end_to_end_tiny_encoder": e2e}, f, indent=1)
@@ -170,7 +171,8 @@ def main(argv=None):
     lines = [
         "# Patch reading: ours vs per-patch read_region loop vs JPEG decode floor",
         "",
-        f"Single process, best of {args.reps}; {meta['cpu_count']} CPU cores (shared); "
+        f"Single process, best of {args.reps} (methods interleaved); {meta['cpu_count']} CPU cores shared with other "
+        f"jobs (load average {meta['load_average_at_end'][0]} at the end, so absolute numbers are noisy); "
         f"`python benchmarks/extract.py`. Patches/s (higher is better).",
         "",
         f"| slide | patches | read level | source px | resample | ours 1 thread | ours {args.threads} threads | "

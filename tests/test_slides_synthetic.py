@@ -189,3 +189,18 @@ def test_zarr_fallback_reads_the_same_patches(fixtures):
         assert slide.tile_grid(0) is None
         fallback = np.concatenate([px for _, px in T.iter_blocks(slide, g, num_threads=0)])
     np.testing.assert_array_equal(direct, fallback)
+
+
+def test_tile_level_reduce_equals_window_reduce_at_odd_edges(tmp_path):
+    """Averaging each tile once (aligned fast path) == averaging each window, also where windows
+    run past an odd image edge (outside pixels are zeros in both)."""
+    path = tmp_path / "odd40x.svs"
+    S.write_slide(path, S.SyntheticSlide(1201, 999, 0.25, (1, 4), "svs", app_mag=40, tile=128, seed=9))
+    with W.open_slide(path) as slide:
+        tg = slide.tile_grid(0)
+        ix = np.array([0, 448, 800, 1000, -2], np.int64)
+        iy = np.array([0, 300, 600, 800, 550], np.int64)
+        fast = T._sources_from_tiles(slide, 0, ix, iy, 448, tg, k=2)
+        full = T._sources_from_tiles(slide, 0, ix, iy, 448, tg, k=1)
+    slow = np.stack([np.asarray(Image.fromarray(w).reduce(2)) for w in full])
+    np.testing.assert_array_equal(fast, slow)
