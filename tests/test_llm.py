@@ -72,6 +72,16 @@ def _left_padded(lengths, length=PROMPT_LEN, seed=1):
     return ids, mask
 
 
+_forward = jax.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
+_forward_embeds = jax.jit(lambda model, embeds, mask: model(inputs_embeds=embeds, attention_mask=mask))
+
+
+def _logits(model, ids, mask=None):
+    """Our logits as numpy, through one compiled program (eager dispatch compiles every primitive)."""
+    ids = jnp.asarray(ids)
+    return np.asarray(_forward(model, ids, jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask)))
+
+
 def _torch_logits(model, ids, mask=None):
     with torch.no_grad():
         kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
@@ -105,15 +115,15 @@ def test_logits_match_transformers(checkpoints, name):
     model = llm.load_hf(folder)
     assert (model.lm_head is None) == (name == "qwen2_tied")
     ids, mask = _left_padded([PROMPT_LEN, 7, 3])
-    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    ours = _logits(model, ids, mask)
     ref = _torch_logits(hf, ids, mask)
     valid = mask.astype(bool)
     assert np.abs(ours - ref)[valid].max() <= 1e-4
     # A padded row equals the same tokens unpadded; inputs_embeds equals input_ids.
-    alone = np.asarray(model(jnp.asarray(ids[1:2, PROMPT_LEN - 7:])))
+    alone = _logits(model, ids[1:2, PROMPT_LEN - 7:])
     np.testing.assert_allclose(ours[1, PROMPT_LEN - 7:], alone[0], atol=1e-5)
     embeds = model.embed_tokens(jnp.asarray(ids))
-    via_embeds = np.asarray(model(inputs_embeds=embeds, attention_mask=jnp.asarray(mask)))
+    via_embeds = np.asarray(_forward_embeds(model, embeds, jnp.asarray(mask)))
     np.testing.assert_allclose(via_embeds, ours, atol=1e-6)
 
 
@@ -229,7 +239,7 @@ def test_tied_bfloat16_export(checkpoints, tmp_path):
     # bfloat16 compute stays close to float32 and generation runs.
     ids = _ids()
     ref = _torch_logits(hf, ids)
-    ours = np.asarray(model(jnp.asarray(ids)))
+    ours = _logits(model, ids)
     assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max()
     toks, _ = llm.generate(model, ids, max_new_tokens=4)
     assert toks.shape == (2, 4)
@@ -304,7 +314,7 @@ def test_sharded_load_matches_single_device(checkpoints):
     with jax.set_mesh(mesh):
         x = jax.device_put(jnp.asarray(ids), llm.batch_sharding(mesh, 2, 4))
         logits = jax.jit(lambda m, x: m(x))(sharded, x)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(single(jnp.asarray(ids))), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), _logits(single, ids), atol=1e-5)
     # An in-memory model can be moved onto the mesh too.
     moved = llm.shard_model(llm.create_model(llm.tiny_config()), mesh)
     assert moved.model.layers[1].mlp.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
@@ -315,9 +325,9 @@ def test_lora_train_merge_and_export(checkpoints, tmp_path):
     hf, folder = checkpoints["llama"]
     model = llm.load_hf(folder)
     ids = jnp.asarray(_ids())
-    base = np.asarray(model(ids))
+    base = _logits(model, ids)
     llm.apply_lora(model, llm.LoRAConfig(rank=4, alpha=8, target_modules=r".*\.(q_proj|v_proj|down_proj)"))
-    np.testing.assert_allclose(np.asarray(model(ids)), base, atol=1e-6)  # b = 0: starts at the base model
+    np.testing.assert_allclose(_logits(model, ids), base, atol=1e-6)  # b = 0: starts at the base model
     with pytest.raises(ValueError, match="matches no projection"):
         llm.apply_lora(model, llm.LoRAConfig(target_modules=r"nothing"))
 
@@ -328,7 +338,7 @@ def test_lora_train_merge_and_export(checkpoints, tmp_path):
 
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     opt = nnx.Optimizer(model, llm.freeze_except(optax.adam(1e-2)), wrt=nnx.Param)
-    opt.update(model, nnx.grad(loss_fn)(model))
+    opt.update(model, jax.jit(nnx.grad(loss_fn))(model))
     after = nnx.state(model, nnx.Param)
     mask = llm.trainable_mask(after)
     changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), after, before)
@@ -342,12 +352,12 @@ def test_lora_train_merge_and_export(checkpoints, tmp_path):
     only_q = llm.trainable_filter([r".*q_proj\.lora\..*"])
     opt2 = nnx.Optimizer(model, optax.sgd(1e-1), wrt=only_q)
     graphdef, train_params, rest = nnx.split(model, only_q, ...)
-    grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(train_params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest))))(train_params)
     opt2.update(model, grads)
     np.testing.assert_array_equal(np.asarray(attn.v_proj.lora.b[...]), v_b)
     assert (np.asarray(attn.q_proj.lora.a[...]) != q_a).any()
 
-    unmerged = np.asarray(model(ids))
+    unmerged = _logits(model, ids)
     assert np.abs(unmerged - base).max() > 1e-3  # the step moved the model
     out = llm.save_hf(model, tmp_path / "lora", source=folder)  # merges on the fly, model unchanged
     assert model.model.layers[0].self_attn.q_proj.lora is not None
@@ -355,7 +365,7 @@ def test_lora_train_merge_and_export(checkpoints, tmp_path):
     assert np.abs(_torch_logits(reloaded, np.asarray(ids)) - unmerged).max() <= 1e-4
     llm.merge_lora(model)
     assert model.model.layers[0].self_attn.q_proj.lora is None
-    np.testing.assert_allclose(np.asarray(model(ids)), unmerged, atol=1e-5)
+    np.testing.assert_allclose(_logits(model, ids), unmerged, atol=1e-5)
 
 
 def test_lora_dropout_only_in_train_mode():
@@ -364,12 +374,12 @@ def test_lora_dropout_only_in_train_mode():
     lora = model.model.layers[0].self_attn.q_proj.lora
     lora.b[...] = jnp.ones_like(lora.b[...])
     ids = jnp.asarray(_ids(length=6))
-    a, b = model(ids), model(ids)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # inference: dropout is off
+    a, b = _logits(model, ids), _logits(model, ids)
+    np.testing.assert_array_equal(a, b)  # inference: dropout is off
     model.train()
-    assert np.abs(np.asarray(model(ids)) - np.asarray(a)).max() > 1e-4
+    assert np.abs(_logits(model, ids) - a).max() > 1e-4
     model.eval()
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(a))
+    np.testing.assert_array_equal(_logits(model, ids), a)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -388,3 +398,15 @@ def test_tiny_tokenizer_chat_template_and_folder_round_trip(tiny_tokenizer, tmp_
     assert set(llm.stop_token_ids(again)) == {tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")}
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         llm.load_tokenizer(tmp_path / "nowhere")
+
+
+def test_generate_command(checkpoints, tmp_path, capsys):
+    from sparsewsi.cli import main
+
+    _, folder = checkpoints["qwen2_tied"]
+    rc = main(["generate", "--model", str(folder), "--prompt", "Describe the slide.", "--prompt", "Grade?",
+               "--max-new-tokens", "4", "--dtype", "float32", "--fsdp", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and ">>> Describe the slide." in out and ">>> Grade?" in out
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]) == 2
+    assert "absent" in capsys.readouterr().err
