@@ -131,7 +131,10 @@ def _sources_from_tiles(slide: Slide, level: int, ix: np.ndarray, iy: np.ndarray
     tw, th, _, _ = tg
     H, W = slide.level_array(level).shape[:2]
     n = len(ix)
-    src = np.zeros((n, side // k, side // k, 3), np.uint8)
+    # Only windows that run past the image edge need zeros; the rest is overwritten by tiles.
+    src = np.empty((n, side // k, side // k, 3), np.uint8)
+    outside = (ix < 0) | (iy < 0) | (ix + side > W) | (iy + side > H)
+    src[outside] = 0
     users: dict[tuple[int, int], list[int]] = {}
     for j in range(n):
         x0, y0 = max(int(ix[j]), 0), max(int(iy[j]), 0)
@@ -143,9 +146,9 @@ def _sources_from_tiles(slide: Slide, level: int, ix: np.ndarray, iy: np.ndarray
                 users.setdefault((ty, tx), []).append(j)
     for (ty, tx), js in sorted(users.items()):
         tile = slide.decode_tile(level, tx, ty)
-        if tile is None:
-            continue
         tx0, ty0 = tx * tw, ty * th
+        if tile is None:  # sparse (absent) tile: black, like tiffslide's fill value
+            tile = np.zeros((th, tw, 3), np.uint8)
         tx1, ty1 = min(tx0 + tw, W), min(ty0 + th, H)  # edge tiles are padded beyond the image
         if k > 1:
             body = np.zeros((th, tw, 3), np.uint8)  # outside the image: zeros, as in a window
