@@ -38,7 +38,7 @@ def make_train_step(split: ParamSplit, tx: optax.GradientTransformation, schedul
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch, opt_step, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt_step), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt_step), **aux}
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
     return train_step

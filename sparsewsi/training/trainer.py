@@ -137,7 +137,10 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
 
     # --- 6. the update step: jit with shardings and donation, compiled once with its memory analysis --
     step_fn = make_train_step(split, tx, schedule, seed=config.seed, accumulate_steps=opt.accumulate_steps)
-    first = next(batches)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("the data iterator yields no batch") from None
     check_batch(first, spec.model.image_token_id)
     global_batch = int(np.shape(first["input_ids"])[0]) * jax.process_count()
     first = {k: v for k, v in first.items() if k in _BATCH_KEYS}
@@ -160,7 +163,12 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
     try:
         while step < config.total_steps:
             if batch is None:
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    log.info("the data iterator is exhausted after step %d; stopping early", step)
+                    ckpt.save(step, state, batches.get_state() if hasattr(batches, "get_state") else None)
+                    break
                 check_batch(batch, spec.model.image_token_id)
                 batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
             t = time.perf_counter()

@@ -1,0 +1,178 @@
+"""Training: overfitting, frozen parameters, 8 simulated devices vs one, resume-after-kill equality,
+corrupt-checkpoint fallback, metrics files and fail-fast on NaN."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from sparsewsi.model import flat_params, load_checkpoint
+from sparsewsi.model.checkpoint import restore_params
+from sparsewsi.training import ArrayIterator, Checkpointer, NonFiniteLossError, spec_from_config, synthetic_examples, train
+from sparsewsi.model import load_tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(steps: int, stage: int = 2):
+    spec = importlib.util.spec_from_file_location("configs_tiny", REPO / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(f"steps={steps},stage={stage}")
+    c.progress = False
+    c.batch_size = 4
+    c.model.feature_dim = 16
+    c.model.scorer_hidden = 32
+    c.model.projector_hidden = 32
+    c.model.k = 4
+    c.model.tau_steps = 20
+    c.llm.tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    c.optim.warmup_steps = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def examples():
+    cfg = tiny_config(4)
+    tok = load_tokenizer(spec_from_config(cfg))
+    return synthetic_examples(tok, 8, num_tokens=32, feature_dim=16, evidence_tokens=3, seed=0)
+
+
+class KilledIterator(ArrayIterator):
+    """Dies (like a killed process) when asked for batch number ``die_at``."""
+
+    def __init__(self, *a, die_at: int, **kw):
+        super().__init__(*a, **kw)
+        self.calls, self.die_at = 0, die_at
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt("simulated kill")
+        return super().__next__()
+
+
+class Limited(ArrayIterator):
+    def __init__(self, *a, limit: int, **kw):
+        super().__init__(*a, **kw)
+        self.left = limit
+
+    def __next__(self):
+        if self.left == 0:
+            raise StopIteration
+        self.left -= 1
+        return super().__next__()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, examples):
+    """Uninterrupted: 6 steps on ONE device, checkpoints every 2 steps."""
+    cfg = tiny_config(6)
+    cfg.checkpoint.every = 2
+    workdir = tmp_path_factory.mktemp("reference")
+    out = train(cfg, ArrayIterator(examples, 4, seed=1), workdir, devices=jax.devices()[:1])
+    return cfg, workdir, out
+
+
+def test_frozen_parameters_stay_bit_identical_and_lora_trains(reference_run):
+    cfg, workdir, out = reference_run
+    spec = out["spec"]
+    from sparsewsi.model import build_model
+    fresh = flat_params(build_model(spec))
+    trained = flat_params(out["model"])
+    frozen = [n for n in fresh if n.startswith("llm.") and ".lora." not in n]
+    assert frozen and all(np.array_equal(np.asarray(fresh[n]), np.asarray(trained[n])) for n in frozen)
+    lora_b = [n for n in fresh if n.endswith(".lora.b")]
+    assert lora_b and any(not np.array_equal(fresh[n], trained[n]) for n in lora_b)  # b starts at 0, moves
+    assert not np.array_equal(fresh["scorer.backbone.fc1.kernel"], trained["scorer.backbone.fc1.kernel"])
+    # Only trained parameters are stored in the checkpoint.
+    stored = restore_params(workdir, 6)
+    assert set(stored) == {n for n in fresh if not n.startswith("llm.") or ".lora." in n}
+
+
+def test_metrics_files(reference_run):
+    _, workdir, out = reference_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "tau", "grad_norm", "mask_topk_mass", "tokens_per_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[0]["tau"] > rows[-1]["tau"]  # annealed
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eight_devices_equal_one_device(reference_run, tmp_path, examples):
+    cfg, ref_dir, ref = reference_run
+    cfg8 = tiny_config(6)
+    cfg8.mesh.data, cfg8.mesh.fsdp, cfg8.mesh.tensor = 2, 2, 2
+    assert jax.device_count() == 8
+    out = train(cfg8, Limited(examples, 4, seed=1, limit=2), tmp_path)
+    assert len(out["history"]) == 2
+    np.testing.assert_allclose([h["loss"] for h in out["history"]], [h["loss"] for h in ref["history"][:2]],
+                               rtol=2e-5)
+    ref_params = restore_params(ref_dir, 2)
+    got = {k: np.asarray(v) for k, v in out["state"]["params"].items()}
+    some_sharded = [v for v in out["state"]["params"].values() if not v.sharding.is_fully_replicated]
+    assert some_sharded  # the LoRA / LLM rules actually split something over the mesh
+    for name, value in ref_params.items():
+        np.testing.assert_allclose(got[name], value, atol=2e-6, rtol=1e-4, err_msg=name)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(reference_run, tmp_path, examples):
+    cfg, ref_dir, ref = reference_run
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, KilledIterator(examples, 4, seed=1, die_at=5), tmp_path, devices=jax.devices()[:1])
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    resumed = train(cfg, ArrayIterator(examples, 4, seed=1), tmp_path, devices=jax.devices()[:1])
+    assert resumed["resumed_from"] == 4
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in ref["history"][4:]]  # exact
+    for name, value in restore_params(ref_dir, 6).items():
+        np.testing.assert_array_equal(np.asarray(resumed["state"]["params"][name]), value, err_msg=name)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+    # A corrupt newest checkpoint falls back to the previous one, in the trainer and in the evaluation loader.
+    corrupted = 0
+    for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"corrupt")
+            corrupted += 1
+    assert corrupted
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), resumed["state"])
+    ckpt = Checkpointer(tmp_path, every=2)
+    state, data_state, step = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 4 and data_state == {"epoch": 2, "position": 0, "seed": 1}
+    model, tok, spec = load_checkpoint(tmp_path)
+    got = flat_params(model)
+    for name, value in restore_params(tmp_path, 4).items():
+        np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(state["params"][name]), value, err_msg=name)
+
+
+def test_tiny_model_overfits_tiny_dataset(tmp_path, examples):
+    cfg = tiny_config(60)
+    cfg.optim.lr = 1e-2
+    cfg.optim.warmup_steps = 3
+    # Everything trains except the attention's query/key projections (frozen: checked bit-identical).
+    cfg.optim.param_groups = [(r".*self_attn\.(q_proj|k_proj)\..*", None), (r".*", 1.0)]
+    cfg.lora.rank = 0
+    cfg.checkpoint.every = 0
+    out = train(cfg, ArrayIterator(examples[:4], 4, seed=0), tmp_path, devices=jax.devices()[:1])
+    losses = [h["loss"] for h in out["history"]]
+    assert losses[-1] <= 0.1 * losses[0], losses[::5]
+    from sparsewsi.model import build_model
+    fresh, trained = flat_params(build_model(out["spec"])), flat_params(out["model"])
+    frozen = [n for n in fresh if "q_proj" in n or "k_proj" in n]
+    assert frozen and all(np.array_equal(fresh[n], trained[n]) for n in frozen)
+
+
+def test_nan_fails_fast(tmp_path, examples):
+    cfg = tiny_config(3)
+    bad = [dict(e) for e in examples[:4]]
+    bad[0]["features"] = np.full_like(bad[0]["features"], np.nan)
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        train(cfg, ArrayIterator(bad, 4, seed=0), tmp_path, devices=jax.devices()[:1])
