@@ -15,6 +15,11 @@ Faithfulness notes (why the code looks the way it does): timm LayerNorm eps is 1
 1e-5 in open_clip's pooler norms; GELU is exact (Flax's default ``nnx.gelu`` is the tanh
 approximation); attention is computed in float32 with the 1/sqrt(head_dim) scale on q.
 
+Parity is tested (tests/test_encoders.py) against PyTorch re-statements of timm's ViT and
+open_clip's AttentionalPooler, because timm and open_clip import torchvision at module load and
+PyPI torchvision does not import beside the pinned CPU torch, even when they are installed with
+``--no-deps``.
+
 Shapes: images enter as ``[B, H, W, 3]`` uint8 (NHWC); :func:`preprocess` turns them into the
 normalised ``[B, S, S, 3]`` float32 the model takes (S = ``config.image_size``).
 """

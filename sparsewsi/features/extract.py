@@ -284,6 +284,8 @@ def extract_slide(path: str, out_dir: str, encoder: DeviceEncoder, cfg: ExtractC
     finally:
         if slide is not None:
             slide.close()
+    if res.status == "failed":
+        res.output = None  # nothing was written for this slide
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -171,6 +171,7 @@ class Slide:
         self.name = os.path.splitext(os.path.basename(self.path))[0]
         if not os.path.isfile(self.path):
             raise SlideError(f"{self.path}: no such file")
+        self._ts = None
         try:
             self._ts = tiffslide.TiffSlide(self.path)
             props = dict(self._ts.properties)
@@ -178,16 +179,19 @@ class Slide:
             self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
             group = self._ts.zarr_group
             self._arrays = [group[str(i)] for i in range(len(self.level_dimensions))]
-        except SlideError:
-            raise
         except Exception as err:  # tifffile/tiffslide raise many types for bad files
+            self.close()
             raise SlideError(f"{self.path}: cannot open as a slide ({type(err).__name__}: {err})") from err
-        for i, arr in enumerate(self._arrays):
-            if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
-                raise SlideError(f"{self.path}: level {i} is {arr.shape} {arr.dtype}, expected (H, W, 3) uint8 RGB")
-        self.properties = props
-        self._tiled = [self._direct_reader(i) for i in range(len(self._arrays))]
-        self.mpp_info = resolve_mpp(props, mpp_override, force_override=force_override, name=self.path)
+        try:
+            for i, arr in enumerate(self._arrays):
+                if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
+                    raise SlideError(f"{self.path}: level {i} is {arr.shape} {arr.dtype}, expected (H, W, 3) uint8 RGB")
+            self.properties = props
+            self.mpp_info = resolve_mpp(props, mpp_override, force_override=force_override, name=self.path)
+            self._tiled = [self._direct_reader(i) for i in range(len(self._arrays))]
+        except BaseException:
+            self.close()  # no leaked handles when a slide is rejected
+            raise
 
     @property
     def mpp(self) -> float:
@@ -224,9 +228,9 @@ class Slide:
                     or tuple(page.shape[:2]) != tuple(self._arrays[level].shape[:2])
                     or page.dtype != np.uint8 or page.samplesperpixel < 3):
                 return None
-            fd = os.open(self.path, os.O_RDONLY)
-            self._fds.append(fd)
-            return page, fd
+            if not self._fds:  # one descriptor per slide, shared by levels and threads (pread)
+                self._fds.append(os.open(self.path, os.O_RDONLY))
+            return page, self._fds[0]
         except Exception:  # unusual layouts: the zarr path handles them
             return None
 
@@ -317,7 +321,9 @@ class Slide:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        self._ts.close()
+        if self._ts is not None:
+            self._ts.close()
+            self._ts = None
 
     def __enter__(self) -> "Slide":
         return self
