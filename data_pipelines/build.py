@@ -25,6 +25,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import BUILDERS
+from data_pipelines import synthetic as _synthetic  # noqa: F401,E402  (registers synthetic_slidebench)
 
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:

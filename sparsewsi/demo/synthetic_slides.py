@@ -190,6 +190,13 @@ class SlidePlan:
         return f"{self.slide_id}.{'svs' if self.fmt == 'svs' else 'tif'}"
 
 
+def num_test_slides(fraction: float, n: int) -> int:
+    """Test slides among ``n`` of one kind: ``fraction * n`` rounded half up, at least one when
+    ``fraction > 0`` and ``n >= 2`` (so small benchmarks still test every kind)."""
+    k = int(math.floor(fraction * n + 0.5))
+    return max(k, 1) if fraction > 0 and n >= 2 else k
+
+
 def plan_slides(cfg: BenchmarkConfig) -> list[SlidePlan]:
     """Kinds and counts balanced jointly (every (kind, count) pair as often as possible), test
     split stratified by kind, formats alternating; all from ``cfg.seed``."""
@@ -205,7 +212,7 @@ def plan_slides(cfg: BenchmarkConfig) -> list[SlidePlan]:
     split = ["train"] * cfg.num_slides
     for kind in EVIDENCE_KINDS:
         idx = [i for i, (k, _) in enumerate(pairs) if k == kind]
-        n_test = int(round(cfg.test_fraction * len(idx)))
+        n_test = num_test_slides(cfg.test_fraction, len(idx))
         for i in rng.permutation(idx)[:n_test]:
             split[int(i)] = "test"
     width = max(4, len(str(cfg.num_slides - 1)))
