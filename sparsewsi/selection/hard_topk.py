@@ -64,5 +64,10 @@ def gather_tokens(tokens: Array, indices: Array) -> Array:
 
 def topk_to_mask(selection: TopK, num_tokens: int) -> Array:
     """A {0, 1} float mask [..., N] with ones at the valid selected tokens."""
-    onehot = jax.nn.one_hot(selection.indices, num_tokens, dtype=jnp.float32)
-    return jnp.sum(onehot * selection.valid[..., None], axis=-2)
+    # A scatter of k values into zeros: O(N + k), where a one-hot sum would be O(N * k).
+    batch_shape = selection.indices.shape[:-1]
+    flat_idx = selection.indices.reshape(-1, selection.indices.shape[-1])
+    flat_valid = selection.valid.reshape(flat_idx.shape).astype(jnp.float32)
+    rows = jnp.arange(flat_idx.shape[0])[:, None]
+    mask = jnp.zeros((flat_idx.shape[0], num_tokens), jnp.float32).at[rows, flat_idx].max(flat_valid)
+    return mask.reshape(batch_shape + (num_tokens,))

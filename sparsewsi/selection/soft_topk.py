@@ -124,8 +124,19 @@ def _solve_threshold(x: Array, tau: Array, mask: Array, k: int, max_iter: int) -
         # f is decreasing in t: f > 0 means the root lies to the right of t.
         lo_new = jnp.where(f > 0, t, lo)
         hi_new = jnp.where(f > 0, hi, t)
-        newton = t - f / jnp.where(fprime < 0, fprime, -1.0)
-        use_newton = (fprime < 0) & (newton > lo_new) & (newton < hi_new)
+        # Newton on the log of the mass on the side that is short: log(sum m) - log(k) when t is
+        # too high, log(sum(1 - m)) - log(N - k) when too low. In the tails these are nearly
+        # linear in t (log-sum-exp like), where plain Newton on f crawls; the safeguard remains.
+        mass = f + k
+        rest = n_valid - mass
+        curvature = -fprime * tau  # sum m (1 - m) >= 0
+        ok = (curvature > 0) & (mass > 0) & (rest > 0)
+        safe_curv = jnp.where(ok, curvature, 1.0)
+        # log1p of the relative excess: log(mass) - log(k) would cancel catastrophically near the root.
+        step_low_mass = jnp.log1p(jnp.where(ok, f / k, 0.0)) * tau * mass / safe_curv
+        step_high_mass = -jnp.log1p(jnp.where(ok, -f / (n_valid - k), 0.0)) * tau * rest / safe_curv
+        newton = t + jnp.where(f < 0, step_low_mass, step_high_mass)
+        use_newton = ok & (newton > lo_new) & (newton < hi_new)
         t_new = jnp.where(use_newton, newton, 0.5 * (lo_new + hi_new))
         t_new = jnp.where(active, t_new, t)
         lo_new = jnp.where(active, lo_new, lo)
