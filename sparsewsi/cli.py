@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sparsewsi.info", "print versions, devices and where things are installed"),
+    "train": ("sparsewsi.train_cli", "train SparseWSI from a config file (resumes; multi-host with jax.distributed)"),
+    "export": ("sparsewsi.export_cli", "export a checkpoint: Hugging Face LLM folder + PyTorch scorer/projector"),
     "eval": ("sparsewsi.eval_cli", "evaluate on SlideBench-VQA/Caption or WSI-VQA: sharded, resumable, with baselines"),
     "score": ("sparsewsi.evaluation.score_cli", "score existing predictions (CSV output column / JSON lines) or merge a run"),
     "generate": ("sparsewsi.llm.generate_cli", "chat with a local Hugging Face Qwen2/Llama checkpoint (JAX decoder)"),

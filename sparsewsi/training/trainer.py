@@ -4,7 +4,8 @@ Config fields (see ``configs/tiny.py`` for a complete example): ``seed``, ``tota
 ``batch_size`` (global), ``model.*`` (SparseWSIConfig fields), ``llm.{path, tokenizer, dtype,
 param_dtype, tiny}``, ``lora.{rank, alpha, targets}``, ``optim.{lr, warmup_steps, end_lr_ratio,
 weight_decay, clip_norm, accumulate_steps, param_groups}``, ``mesh.{data, fsdp, tensor}``,
-``checkpoint.{every, keep, async_save}``, ``log_every``, ``progress``.
+``checkpoint.{every, keep, async_save}``, ``log_every``, ``progress``, ``tensorboard``, and
+optionally ``init_from`` (a workdir whose non-LLM trained parameters start this run: stage 1 -> 2).
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
 
     # --- 3. model and optimizer --------------------------------------------------------------------
     model = build_model(spec)
+    if config.get("init_from"):
+        # Stage 2 starts from stage 1's new modules; a checkpoint of this run (restored below) overrides it.
+        from sparsewsi.model import assign_params
+        from sparsewsi.model.checkpoint import resolve, restore_params
+
+        init_dir, init_steps = resolve(config.init_from)
+        if not init_steps:
+            raise FileNotFoundError(f"init_from {config.init_from}: no checkpoint to start from")
+        loaded = {n: v for n, v in restore_params(init_dir, init_steps[0]).items() if not n.startswith("llm.")}
+        assign_params(model, loaded)
+        log.info("initialised %d tensors from %s step %d", len(loaded), init_dir, init_steps[0])
     rules = [tuple(r) for r in config.optim.param_groups]
     split = ParamSplit(model, lambda name: group_of(name, rules) is not None)
     opt = config.optim
