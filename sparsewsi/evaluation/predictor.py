@@ -176,6 +176,17 @@ class LLMSelectorPredictor:
             mask[i, t - len(r):] = 1
         return ids, mask
 
+    def _host_buffer(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """A reused float32 host buffer for padded bags [B, N, D].
+
+        Allocating a fresh tens-of-MB array per batch costs more than the program itself on CPU
+        (page faults on new memory). Rows past a bag's length keep stale finite values: the mask
+        keeps them from being selected, and a pick that falls on padding is masked out of attention.
+        """
+        if getattr(self, "_buf", None) is None or self._buf.shape != shape:
+            self._buf = np.zeros(shape, np.float32)
+        return self._buf
+
     def _host_select(self, q: PreparedQuestion) -> np.ndarray:
         n = q.features.shape[0]
         if self.selector == "all":
@@ -199,7 +210,7 @@ class LLMSelectorPredictor:
         if self.selector == "learned":
             n = _bucket(max(q.features.shape[0] for q in qs), max(self.min_bag_bucket, self.k))
             d = qs[0].features.shape[1]
-            feats = np.zeros((len(qs), n, d), np.float32)
+            feats = self._host_buffer((len(qs), n, d))
             mask = np.zeros((len(qs), n), bool)
             for i, q in enumerate(qs):
                 feats[i, : q.features.shape[0]] = q.features
