@@ -172,3 +172,23 @@ def test_two_processes_merge_shards(bench, tmp_path):
     assert res["meta"]["selector"] == "uniform" and res["meta"]["k"] == 4
     assert res["report"]["counts"]["predicted"] + res["report"]["counts"]["skipped"] == 24
     assert res["shards"] == {f.name: len(s) for f, s in zip(files, per_shard)}
+
+
+def test_trained_model_adapter_runs_the_evaluator(bench, tmp_path):
+    """sparsewsi.model's predictor (the --checkpoint path) behind the evaluator's interface, k=4."""
+    model_lib = pytest.importorskip("sparsewsi.model")
+    from sparsewsi.evaluation.predictor import CheckpointPredictor
+    from sparsewsi.llm import build_tiny_tokenizer, tiny_config
+
+    tok = build_tiny_tokenizer()
+    cfg = model_lib.SparseWSIConfig(feature_dim=DIM, llm=tiny_config(vocab_size=len(tok)),
+                                    image_token_id=model_lib.image_token_id(tok), k=4, scorer_hidden=16)
+    model = model_lib.build_model(model_lib.ModelSpec(model=cfg, tokenizer="builtin:tiny"))
+    inner = model_lib.SparseWSIPredictor(model, tok, k=4, max_new_tokens=4, all_tokens_cap=4)
+    for selector in ("learned",):  # baselines share the same compiled program (host picks)
+        p = CheckpointPredictor(inner, selector=selector, batch_size=8, describe={"name": "tiny-sparsewsi"})
+        assert p.describe()["k"] == 4 and p.describe()["selector"] == selector
+        stats = _run(bench, p, tmp_path / selector, batch_size=8)
+        assert stats.evaluated + stats.skipped == 24
+        res = merge_run(tmp_path / selector, load_eval_set(bench["data"]))
+        assert res["complete"] and res["meta"]["model"] == "tiny-sparsewsi"
