@@ -42,6 +42,43 @@ def patch_classes(coords: np.ndarray, patch_size_level0: float, record: dict[str
     return out
 
 
+ALL_KINDS = ss.EVIDENCE_KINDS + ss.DISTRACTOR_KINDS
+
+
+def patch_kinds(coords: np.ndarray, patch_size_level0: float, record: dict[str, Any]) -> np.ndarray:
+    """(N,) int8: index into :data:`ALL_KINDS` of the structure a patch holds, -1 for plain tissue."""
+    out = np.full(len(coords), -1, np.int8)
+    for item in record["distractors"] + record["evidence"]:
+        hit = ss.evidence_labels(coords, patch_size_level0, [item["box"]])
+        out[hit] = ALL_KINDS.index(item["kind"])
+    return out
+
+
+def kind_accuracy(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], train: Sequence[int],
+                  test: Sequence[int]) -> dict[str, float]:
+    """Nearest-centroid classification of the structure patches into the 8 kinds (4 evidence,
+    4 look-alikes), fitted on ``train`` bags: can a reader of the selected tokens tell them apart?"""
+    xtr = np.concatenate([f[k >= 0] for f, k in ((features[i], kinds[i]) for i in train)]).astype(np.float64)
+    ytr = np.concatenate([kinds[i][kinds[i] >= 0] for i in train])
+    mu, sd = _standardiser(np.concatenate([features[i] for i in train]).astype(np.float64))
+    z = (xtr - mu) / sd
+    present = np.unique(ytr)
+    cents = np.stack([z[ytr == c].mean(0) for c in present])
+    correct = total = ev_correct = ev_total = 0
+    for i in test:
+        m = kinds[i] >= 0
+        zi = (features[i][m].astype(np.float64) - mu) / sd
+        pred = present[np.argmin(((zi[:, None, :] - cents[None]) ** 2).sum(-1), 1)]
+        y = kinds[i][m]
+        correct += int((pred == y).sum())
+        total += len(y)
+        ev = y < len(ss.EVIDENCE_KINDS)
+        ev_correct += int((pred[ev] == y[ev]).sum())
+        ev_total += int(ev.sum())
+    return {"kind_accuracy_all_structures": correct / max(total, 1),
+            "kind_accuracy_evidence_patches": ev_correct / max(ev_total, 1), "structure_patches_tested": total}
+
+
 def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = x.mean(0)
     sd = x.std(0)
@@ -145,7 +182,7 @@ def run(out_dir: os.PathLike | str, cfg: ss.BenchmarkConfig, *, encoder: str = "
     results = extract.run_extraction(slides, str(out / "features"), ecfg, progress=False, log=lambda s: None)
     t_ext = time.perf_counter() - t1
     failed = [r.reason for r in results if r.status == "failed"]
-    feats, classes, split = [], [], []
+    feats, classes, kinds, split = [], [], [], []
     n_patches = 0
     for s in man["slides"]:
         h5 = out / "features" / f"{s['slide_id']}.h5"
@@ -158,11 +195,13 @@ def run(out_dir: os.PathLike | str, cfg: ss.BenchmarkConfig, *, encoder: str = "
             ps = float(f["coords"].attrs["patch_size_level0_exact"])
         feats.append(x)
         classes.append(patch_classes(coords, ps, rec))
+        kinds.append(patch_kinds(coords, ps, rec))
         split.append(s["split"])
         n_patches += len(x)
     train = [i for i, sp in enumerate(split) if sp == "train"]
     test = [i for i, sp in enumerate(split) if sp == "test"]
     res = probe(feats, classes, train, test, k=k)
+    res["nearest_centroid_kinds"] = kind_accuracy(feats, kinds, train, test)
     ev_frac = [float((c == EVIDENCE).sum() / len(c)) for c in classes]
     foci = [s["count"] for s in man["slides"]]
     res.update({

@@ -6,8 +6,8 @@ change of the stain vectors): ``rgb = 255 * exp(-(h * OD_H + e * OD_E + r * OD_R
 haematoxylin ``h`` (nuclei, purple-blue), eosin ``e`` (cytoplasm/stroma, pink) and a red-cell
 component ``r`` (erythrocytes, red-orange) concentrations.
 
-Scale: every size is in level-0 pixels at 0.5 um/px (a nucleus is ~10 px, 5 um); callers at
-another resolution pass ``px_per_um``-scaled sizes through :func:`render_stamp`'s ``diameter``.
+Scale: texture sizes are level-0 pixels designed for 0.5 um/px (a nucleus is ~10 px, 5 um);
+a structure's overall size is the caller's ``diameter`` (a fraction of the design patch).
 
 Evidence kinds are chosen so each has a *look-alike* of the same colour but a different
 patch-scale texture (the pairs below), so colour alone does not tell evidence from background:
