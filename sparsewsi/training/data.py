@@ -66,9 +66,10 @@ def stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
 class ArrayIterator:
     """Infinite, reshuffled-per-epoch batches over in-memory examples, with a checkpointable state.
 
-    ``batch_size`` is the GLOBAL batch; on multi-host runs each process yields its slice
-    (rows ``process_index::process_count`` of the global batch), as
-    ``jax.make_array_from_process_local_data`` expects.
+    ``batch_size`` is the GLOBAL batch; on multi-host runs each process yields its contiguous slice
+    of it (process p: rows ``[p * B / P, (p + 1) * B / P)``), which is where
+    ``jax.make_array_from_process_local_data`` puts it: the global batch, and so the per-row noise of
+    the VP gate, is then the same as in a single-process run.
     """
 
     def __init__(self, examples: Sequence[dict], batch_size: int, *, seed: int = 0, shuffle: bool = True,
@@ -98,7 +99,8 @@ class ArrayIterator:
             self._pos += take
             if self._pos == len(order):
                 self._epoch, self._pos = self._epoch + 1, 0
-        local = rows[self.process_index::self.process_count]
+        per = self.batch_size // self.process_count
+        local = rows[self.process_index * per:(self.process_index + 1) * per]
         return stack([self.examples[i] for i in local])
 
     def get_state(self) -> dict:
