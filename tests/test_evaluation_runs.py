@@ -174,21 +174,31 @@ def test_two_processes_merge_shards(bench, tmp_path):
     assert res["shards"] == {f.name: len(s) for f, s in zip(files, per_shard)}
 
 
-def test_trained_model_adapter_runs_the_evaluator(bench, tmp_path):
-    """sparsewsi.model's predictor (the --checkpoint path) behind the evaluator's interface, k=4."""
+def test_eval_command_with_a_trainer_checkpoint(bench, tmp_path):
+    """`sparsewsi eval --checkpoint <workdir>`: model.json + an orbax step as the trainer writes them."""
     model_lib = pytest.importorskip("sparsewsi.model")
-    from sparsewsi.evaluation.predictor import CheckpointPredictor
+    training_ckpt = pytest.importorskip("sparsewsi.training.checkpoint")
+    from sparsewsi import cli
     from sparsewsi.llm import build_tiny_tokenizer, tiny_config
 
     tok = build_tiny_tokenizer()
     cfg = model_lib.SparseWSIConfig(feature_dim=DIM, llm=tiny_config(vocab_size=len(tok)),
-                                    image_token_id=model_lib.image_token_id(tok), k=4, scorer_hidden=16)
-    model = model_lib.build_model(model_lib.ModelSpec(model=cfg, tokenizer="builtin:tiny"))
-    inner = model_lib.SparseWSIPredictor(model, tok, k=4, max_new_tokens=4, all_tokens_cap=4)
-    for selector in ("learned",):  # baselines share the same compiled program (host picks)
-        p = CheckpointPredictor(inner, selector=selector, batch_size=8, describe={"name": "tiny-sparsewsi"})
-        assert p.describe()["k"] == 4 and p.describe()["selector"] == selector
-        stats = _run(bench, p, tmp_path / selector, batch_size=8)
-        assert stats.evaluated + stats.skipped == 24
-        res = merge_run(tmp_path / selector, load_eval_set(bench["data"]))
-        assert res["complete"] and res["meta"]["model"] == "tiny-sparsewsi"
+                                    image_token_id=model_lib.image_token_id(tok), k=4, scorer_hidden=16, seed=3)
+    spec = model_lib.ModelSpec(model=cfg, tokenizer="builtin:tiny")
+    model = model_lib.build_model(spec)
+    trained = {n: np.asarray(v) for n, v in model_lib.flat_params(model).items() if not n.startswith("llm.")}
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "model.json").write_text(spec.to_json())
+    ckpt = training_ckpt.Checkpointer(workdir, every=1, async_save=False)
+    ckpt.save(7, {"params": trained, "step": 7}, force=True)
+    ckpt.manager.wait_until_finished()
+    out = tmp_path / "run"
+    args = ["eval", "--data", str(bench["data"]), "--features", str(bench["features"]), "--out", str(out),
+            "--checkpoint", str(workdir), "--k", "4", "--max-new-tokens", "4", "--batch-size", "8"]
+    assert cli.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] and res["meta"]["model"] == f"checkpoint:{workdir}" and res["meta"]["k"] == 4
+    assert res["report"]["skipped"]["n"] == sum(it.slide_id in bench["missing"] for it in bench["items"])
+    assert cli.main(args) == 0  # rerun: nothing left, no duplicates
+    assert len(read_jsonl(shard_path(out, 0, 1))) == 24
