@@ -28,7 +28,8 @@ def _num(x: float | None) -> str:
 def header_lines(meta: dict[str, Any]) -> list[str]:
     data = meta.get("data", {})
     return [
-        f"- model: `{meta.get('model')}`; selector: `{meta.get('selector')}`; k: {meta.get('k')}",
+        f"- model: `{meta.get('model')}`; selector: `{meta.get('selector') or 'not recorded'}`; "
+        f"k: {meta.get('k') if meta.get('k') is not None else 'not recorded'}",
         f"- data: `{pathlib.Path(str(data.get('path', ''))).name}` ({data.get('layout')}), "
         f"sha256 `{meta.get('data_sha256')}`",
         f"- shards: {meta.get('num_shards')}; config: `{json.dumps(meta.get('config', {}), sort_keys=True)}`",
@@ -118,8 +119,9 @@ def bar_chart(results: dict[str, Any], path: os.PathLike | str) -> None:
         ax.bar(x + (i - (len(series) - 1) / 2) * width, [100 * (v or 0.0) for v in vals], width, label=sname)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{meta.get('data', {}).get('dataset', '')}: {meta.get('model')} / {meta.get('selector')} "
-                 f"k={meta.get('k')}\ndata sha256 {str(meta.get('data_sha256'))[:16]}", fontsize=9)
+    selector = f" / {meta['selector']} k={meta.get('k')}" if meta.get("selector") else ""
+    ax.set_title(f"{meta.get('data', {}).get('dataset', '')}: {meta.get('model')}{selector}"
+                 f"\ndata sha256 {str(meta.get('data_sha256'))[:16]}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = pathlib.Path(path).with_name(f".{pathlib.Path(path).name}.{os.getpid()}.tmp.png")
