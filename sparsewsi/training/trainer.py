@@ -99,7 +99,8 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
     log.info("mesh %s", dict(mesh.shape))
 
     # --- 3. model and optimizer --------------------------------------------------------------------
-    model = build_model(spec)
+    # The LLM is read straight into its shards (a 7B model is never gathered on one device).
+    model = build_model(spec, mesh=mesh)
     if config.get("init_from"):
         # Stage 2 starts from stage 1's new modules; a checkpoint of this run (restored below) overrides it.
         from sparsewsi.model import assign_params
