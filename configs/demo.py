@@ -1,0 +1,99 @@
+r"""The end-to-end demo (``sparsewsi demo``): synthetic slides -> features -> SparseLearn -> evaluation.
+
+    sparsewsi demo                                  # the full run into runs/demo (<= 15 min on 2 CPU cores)
+    sparsewsi demo --config configs/demo.py:small   # a few slides, a few steps (minutes; plumbing only)
+    sparsewsi demo --config.num_slides=80 --config.train.total_steps=300 --out runs/demo80
+
+Arguments (``configs/demo.py:arg``): ``small`` (a shrunken run for smoke tests).
+
+Fields: top level (``seed``, ``num_slides``, ``test_fraction``) decide the benchmark together with
+``slides.*`` (fields of :class:`sparsewsi.demo.synthetic_slides.BenchmarkConfig`); ``extract.*``
+the feature extraction (``sparsewsi extract`` settings, on the slides' design grid); ``dataset.*``
+the training questions; ``train`` is a complete trainer config (as ``configs/tiny.py``) whose
+``data`` block the demo fills in; ``eval.*`` the selectors compared at budget ``k``; ``report.*``
+the pictures. Every field can be overridden on the command line as ``--config.<field>=<value>``.
+"""
+
+import ml_collections
+
+
+def _parse(arg: str) -> dict:
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip() if value else "1"
+    return out
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = _parse(arg)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_slides = 120
+    c.test_fraction = 0.25
+    c.workers = 2  # processes drawing slides
+    c.progress = True
+
+    # The benchmark (BenchmarkConfig fields besides num_slides / seed / test_fraction).
+    c.slides = ml_collections.ConfigDict(dict(
+        patch_size=112, target_mpp=0.5, mpp=0.5, tissue_patches=(300, 360), max_foci=3, distractors=(3, 6),
+        max_evidence_fraction=0.01, focus_size=(0.55, 0.72), svs_every=4, tile=256, jpeg_quality=85))
+
+    # Feature extraction: the real `sparsewsi extract` path on the design grid. The random-weight
+    # tiny CONCH-structured encoder (attentional pooler): its features spread more than the tiny
+    # UNI-structured one's (LayerScale 1e-5), see sparsewsi.demo.probe.
+    c.extract = ml_collections.ConfigDict(dict(
+        encoder="tiny-conch", weights="", encoder_seed=0, min_tissue=0.25, batch_size=64, threads=2,
+        thumbnails=True))
+
+    # Training questions: every training slide's identification question is also asked with its
+    # options in `option_orders` further random orders (data augmentation of the training split
+    # only; the test questions are the benchmark's own).
+    c.dataset = ml_collections.ConfigDict(dict(option_orders=3))
+
+    # The trainer config (see sparsewsi/training/trainer.py); data.* is set by the demo.
+    t = ml_collections.ConfigDict()
+    t.seed = 0
+    t.total_steps = 400
+    t.batch_size = 16
+    t.log_every = 1
+    t.progress = True
+    t.tensorboard = False
+    t.model = ml_collections.ConfigDict(dict(
+        feature_dim=0,  # set from the extracted features
+        k=32, candidate_cap=128, scorer_kind="mlp", scorer_hidden=64, scorer_depth=2, scorer_heads=4,
+        tau_start=1.0, tau_end=0.1, tau_steps=300, denoiser=True, projector_hidden=128, llm_seed=0, seed=0))
+    t.llm = ml_collections.ConfigDict(dict(path=None, tokenizer=None, dtype="float32", param_dtype="float32",
+                                           tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                     max_position_embeddings=1024)))
+    # The tiny LLM is randomly initialised (nothing is downloaded), so it is trained with the rest.
+    t.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=None))
+    t.optim = ml_collections.ConfigDict(dict(
+        lr=3e-3, warmup_steps=20, end_lr_ratio=0.05, weight_decay=0.0, clip_norm=1.0, accumulate_steps=1,
+        param_groups=[(r".*", 1.0)]))
+    t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    t.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=False))
+    t.data = ml_collections.ConfigDict(dict(
+        source="tfds", path="", split="train", features_root="", max_patches=512, patch_buckets=(512,),
+        token_buckets=(192,), worker_count=0, fixed_shapes=True))
+    c.train = t
+
+    c.eval = ml_collections.ConfigDict(dict(
+        k=32, selectors=("learned", "random", "uniform", "spatial", "all", "oracle"),
+        all_tokens_cap=512,  # 'all': every token of the bag (evenly sub-sampled above the cap)
+        batch_size=16, max_new_tokens=6, seed=0))
+    c.report = ml_collections.ConfigDict(dict(heatmap_slides=3, thumbnail_px=360))
+
+    if "small" in a:
+        c.num_slides = 8
+        c.workers = 1
+        c.slides.update(tissue_patches=(100, 130), max_foci=1, distractors=(2, 3), tile=128, svs_every=2)
+        c.dataset.option_orders = 1
+        c.train.update(total_steps=4, batch_size=4)
+        c.train.model.update(candidate_cap=64, tau_steps=4, scorer_hidden=16, projector_hidden=16)
+        c.train.optim.warmup_steps = 1
+        c.train.checkpoint.every = 2
+        c.train.data.update(max_patches=256, patch_buckets=(256,))
+        c.eval.update(batch_size=8, max_new_tokens=3, all_tokens_cap=256)
+        c.report.update(heatmap_slides=2, thumbnail_px=200)
+    return c

@@ -1,0 +1,942 @@
+"""``sparsewsi demo``, the main job end to end: one plain function per stage.
+
+    slides    seeded synthetic SVS/TIFF slides with sparse evidence (:mod:`sparsewsi.demo.synthetic_slides`)
+    extract   tissue -> grid -> encoder features, the ``sparsewsi extract`` code path (TRIDENT .h5 bags)
+    annotate  per-patch ``evidence`` flags added to each bag (read by the oracle and evidence recall)
+    dataset   training questions (+ option-order augmentation of the training split) -> TFDS dataset
+              (``data_pipelines`` ``synthetic_slidebench`` builder)
+    train     SparseWSI (scorer -> Soft Top-K + VP noise gate + denoiser -> projector -> tiny LLM) with
+              SparseLearn, through the trainer and the ``train`` command's data_pipelines wiring
+    eval      the ``sparsewsi eval`` runner on the test questions for each selector at budget k
+              (learned, random, uniform, spatial, all tokens (capped), oracle) + evidence recall@k
+    report    summary.md, accuracy chart, selection heatmaps over slide thumbnails, training curves
+
+Layout of the run folder (default ``runs/demo``)::
+
+    demo_config.json   the run's config (a rerun with other content-deciding settings is refused)
+    stages.json        finished stages with their wall / CPU seconds (a rerun skips them)
+    bench/             the synthetic benchmark (slides/, evidence/, questions/, manifest.json)
+    features/          <slide>.h5 bags (+ thumbnails/, extract_summary.process0.json)
+    dataset/           tfds/ (the prepared dataset)
+    train/             the trainer workdir (model.json, checkpoints/, metrics.jsonl)
+    eval/<selector>/   evaluation runs (run.json, predictions, results.json/md/png)
+    report/            summary.md, results.json, accuracy.png, training_curves.png, heatmaps/
+
+Every stage is resumable: finished stages are recorded in ``stages.json`` and skipped; an
+interrupted stage resumes from what it had written (slides and bags already written, the latest
+training checkpoint, questions already answered). Everything derives from ``config.seed``.
+
+This module is the command-line layer: it is the one place (besides ``sparsewsi.train_cli``, whose
+wiring it reuses) where ``data_pipelines`` is imported, lazily inside :func:`stage_dataset` and
+:func:`stage_train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+STAGES = ("slides", "extract", "annotate", "dataset", "train", "eval", "report")
+STAGES_FILE = "stages.json"
+CONFIG_FILE = "demo_config.json"
+# Settings that do not change any result (throughput and display only): may differ between reruns.
+VOLATILE_KEYS = ("progress", "workers", "extract.batch_size", "extract.threads", "train.progress",
+                 "train.log_every", "eval.batch_size")
+
+
+class DemoError(RuntimeError):
+    """A demo run that cannot go on as asked; the message names the file or setting."""
+
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder, config and stage bookkeeping
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Where each stage writes, under the run folder ``root``."""
+
+    root: pathlib.Path
+
+    @property
+    def bench(self) -> pathlib.Path:
+        return self.root / "bench"
+
+    @property
+    def features(self) -> pathlib.Path:
+        return self.root / "features"
+
+    @property
+    def dataset(self) -> pathlib.Path:
+        return self.root / "dataset"
+
+    @property
+    def train(self) -> pathlib.Path:
+        return self.root / "train"
+
+    @property
+    def eval(self) -> pathlib.Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> pathlib.Path:
+        return self.root / "report"
+
+
+def write_text_atomic(path: os.PathLike | str, text: str) -> None:
+    """Write ``text`` through a temporary file in the same folder + rename."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, pathlib.Path):
+        return str(o)
+    return str(o)
+
+
+def config_dict(config) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict(), default=_json_default))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_digest(config) -> str:
+    """SHA-256 (16 hex) of the content-deciding settings (everything but :data:`VOLATILE_KEYS`)."""
+    flat = {k: v for k, v in flatten(config_dict(config)).items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_run_folder(paths: Paths, config) -> None:
+    """Record the config in a new run folder, or check that it matches the one already there.
+
+    Raises:
+      DemoError: the folder holds a run of other content-deciding settings (names them).
+    """
+    path = paths.root / CONFIG_FILE
+    now = config_dict(config)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DemoError(f"{path}: not valid JSON ({e}); delete the run folder to start again") from e
+        a, b = flatten(old), flatten(now)
+        diff = sorted(k for k in set(a) | set(b) if k not in VOLATILE_KEYS and a.get(k) != b.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in diff[:8])
+            raise DemoError(f"{paths.root} holds a demo run with other settings ({detail}); "
+                            "use another --out or delete that folder")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, now)
+
+
+def read_stages(paths: Paths) -> dict[str, Any]:
+    """``stages.json``: stage -> {"wall_s", "cpu_s", "info", "finished_at"} for finished stages."""
+    path = paths.root / STAGES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # a damaged record only costs re-checking the stages (each one skips its finished work)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class StageTimer:
+    """Wall-clock and CPU (user + system, this process and its children) seconds of a block."""
+
+    def __enter__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = _cpu_seconds() - self.cpu0
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1: slides
+# ------------------------------------------------------------------------------------------------
+
+def benchmark_config(config):
+    """The :class:`~sparsewsi.demo.synthetic_slides.BenchmarkConfig` the demo config describes."""
+    from sparsewsi.demo.synthetic_slides import BenchmarkConfig
+
+    s = config.slides
+    return BenchmarkConfig(
+        num_slides=int(config.num_slides), seed=int(config.seed), test_fraction=float(config.test_fraction),
+        mpp=float(s.mpp), patch_size=int(s.patch_size), target_mpp=float(s.target_mpp),
+        tissue_patches=tuple(int(v) for v in s.tissue_patches), max_foci=int(s.max_foci),
+        distractors=tuple(int(v) for v in s.distractors), max_evidence_fraction=float(s.max_evidence_fraction),
+        focus_size=tuple(float(v) for v in s.focus_size), svs_every=int(s.svs_every), tile=int(s.tile),
+        jpeg_quality=int(s.jpeg_quality))
+
+
+def stage_slides(config, paths: Paths, log: Log = print) -> dict[str, Any]:
+    """Generate (or finish) the synthetic benchmark in ``paths.bench``."""
+    from sparsewsi.demo.synthetic_slides import generate_benchmark
+
+    bcfg = benchmark_config(config)
+    man = generate_benchmark(paths.bench, bcfg, workers=int(config.workers), log=log,
+                             progress=bool(config.progress))
+    if not man["slides"]:
+        raise DemoError(f"{paths.bench}: no slide could be generated ({man['failed'][:3]})")
+    tissue = [s["tissue_patches"] for s in man["slides"]]
+    frac = [s["evidence_fraction"] for s in man["slides"]]
+    return {"config_digest": man["config_digest"], "slides": man["num_slides"], "questions": man["num_questions"],
+            "failed": man["failed"], "tissue_patches": [int(min(tissue)), int(np.mean(tissue)), int(max(tissue))],
+            "evidence_fraction_max": float(max(frac)), "evidence_fraction_mean": float(np.mean(frac)),
+            "formats": {f: sum(s["format"] == f for s in man["slides"]) for f in ("svs", "tiff")}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: features (the `sparsewsi extract` path) and stage 3: evidence flags
+# ------------------------------------------------------------------------------------------------
+
+def extract_config(config):
+    from sparsewsi.features.extract import ExtractConfig
+
+    e = config.extract
+    return ExtractConfig(encoder=str(e.encoder), weights=str(e.weights) or None, seed=int(e.encoder_seed),
+                         patch_size=int(config.slides.patch_size), target_mpp=float(config.slides.target_mpp),
+                         min_tissue=float(e.min_tissue), batch_size=int(e.batch_size), num_threads=int(e.threads),
+                         thumbnails=bool(e.thumbnails))
+
+
+def stage_extract(config, paths: Paths, log: Log = print) -> dict[str, Any]:
+    """Slides -> ``features/<slide>.h5`` with the real extraction code (tissue, grid, encoder)."""
+    from sparsewsi.features import extract
+
+    ecfg = extract_config(config)
+    slides = extract.list_slides([os.fspath(paths.bench / "slides")])
+    if not slides:
+        raise DemoError(f"{paths.bench / 'slides'}: no slide files to extract")
+    t0 = time.perf_counter()
+    results = extract.run_extraction(slides, os.fspath(paths.features), ecfg, progress=bool(config.progress),
+                                     log=log)
+    extract.write_summary(os.fspath(paths.features), results)
+    log(f"extract: {extract.summarize(results)}")
+    done = [r for r in results if r.status == "done"]
+    ok = [r for r in results if r.status != "failed"]
+    if not ok:
+        raise DemoError(f"every slide failed feature extraction; see {paths.features}/extract_summary.process0.json")
+    patches = sum(r.patches for r in done)
+    secs = time.perf_counter() - t0
+    return {"encoder": ecfg.encoder, "weights": ecfg.weights or f"random init, seed {ecfg.seed}",
+            "patch_size": ecfg.patch_size, "target_mpp": ecfg.target_mpp, "bags": len(ok),
+            "extracted_this_run": len(done), "patches_this_run": patches,
+            "patches_per_s": patches / secs if done and secs > 0 else None,
+            "failed": [{"slide": r.slide, "reason": r.reason} for r in results if r.status == "failed"]}
+
+
+def stage_annotate(config, paths: Paths, log: Log = print) -> dict[str, Any]:
+    """Add the ``evidence`` flags of every bag from the benchmark's evidence boxes."""
+    from sparsewsi.demo.synthetic_slides import annotate_feature_folder
+
+    rep = annotate_feature_folder(paths.features, paths.bench, log=log)
+    if not rep["annotated"]:
+        raise DemoError(f"no bag under {paths.features} could be annotated ({rep['failed'] or rep['missing'][:5]})")
+    return {"annotated": len(rep["annotated"]), "evidence_patches": int(sum(rep["annotated"].values())),
+            "missing": rep["missing"], "failed": rep["failed"], "foci_not_found": rep["foci_not_found"]}
+
+
+def feature_dim(paths: Paths) -> int:
+    """D of the extracted bags (from the first readable one)."""
+    import h5py
+
+    for p in sorted(paths.features.glob("*.h5")):
+        try:
+            with h5py.File(p, "r") as f:
+                return int(f["features"].shape[1])
+        except (OSError, KeyError):
+            continue
+    raise DemoError(f"{paths.features}: no readable feature bag")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 4: the training dataset
+# ------------------------------------------------------------------------------------------------
+
+def augment_questions(rows: Sequence[dict[str, str]], orders: int, seed: int) -> list[dict[str, str]]:
+    """The training rows plus ``orders`` re-asked copies of every identification question.
+
+    A copy lists the same four options in another (seeded) order, with the answer letter moved
+    with its option, so the model has to read the options rather than learn a letter per kind.
+    Counting questions keep their natural order (one, two, three) and are not copied.
+    """
+    from sparsewsi.demo.synthetic_slides import NARROW_KIND
+
+    out = []
+    for row in rows:
+        out.append(dict(row))
+        if row.get("Narrow Category") != NARROW_KIND or orders <= 0:
+            continue
+        letters = [k for k in "ABCD" if row.get(k)]
+        answer_text = row[row["Answer"]]
+        options = [row[k] for k in letters]
+        rng = np.random.default_rng([seed, int(hashlib.sha256(row["ID"].encode()).hexdigest()[:8], 16)])
+        seen = {tuple(options)}
+        for j in range(orders):
+            perm = options
+            for _ in range(20):  # a new order when one exists
+                perm = [options[i] for i in rng.permutation(len(options))]
+                if tuple(perm) not in seen:
+                    break
+            seen.add(tuple(perm))
+            copy = dict(row, ID=f"{row['ID']}-order{j + 1}", **dict(zip(letters, perm)))
+            copy["Answer"] = letters[perm.index(answer_text)]
+            out.append(copy)
+    return out
+
+
+def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
+    """Write the (augmented) training questions and build the TFDS dataset over the bags."""
+    from sparsewsi.demo.synthetic_slides import CSV_COLUMNS, load_manifest, write_csv_atomic
+
+    man = load_manifest(paths.bench)
+    qdir = paths.bench / "questions"
+    train_rows = _read_csv(paths.bench / man["questions"]["train"])
+    rows = augment_questions(train_rows, int(config.dataset.option_orders), int(config.seed))
+    # Beside the benchmark's own CSVs, so the builder records the benchmark's manifest digest.
+    train_csv = qdir / "train_augmented.csv"
+    write_csv_atomic(train_csv, rows, CSV_COLUMNS)
+    d = feature_dim(paths)
+    # The CLI layer meets data_pipelines here (sparsewsi itself never imports it).
+    from data_pipelines.build import build
+
+    builder = build("synthetic_slidebench", {"train": train_csv, "test": paths.bench / man["questions"]["test"]},
+                    features_root=paths.features, data_dir=paths.dataset / "tfds", feature_dim=d)
+    sources = builder.info.metadata.get("sources", {})
+    kept = {s: v.get("kept") for s, v in sources.items()}
+    skipped = {s: v.get("skipped") for s, v in sources.items()}
+    log(f"dataset: {builder.data_path} (train {kept.get('train')} questions from {len(train_rows)} + "
+        f"{len(rows) - len(train_rows)} re-ordered copies; test {kept.get('test')}); skipped {skipped}")
+    return {"data_path": os.fspath(builder.data_path), "feature_dim": d, "train_questions": kept.get("train"),
+            "train_questions_original": len(train_rows), "test_questions": kept.get("test"), "skipped": skipped}
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 5: training
+# ------------------------------------------------------------------------------------------------
+
+def train_config(config, paths: Paths, dataset_info: dict[str, Any]):
+    """The trainer config: ``config.train`` with the feature width and the prepared dataset filled in."""
+    import ml_collections
+
+    t = ml_collections.ConfigDict(config.train.to_dict())
+    t.model.feature_dim = int(dataset_info["feature_dim"])
+    t.data.path = dataset_info["data_path"]
+    t.data.features_root = os.fspath(paths.features)
+    t.data.split = "train"
+    t.progress = bool(config.progress) and bool(t.progress)
+    return t
+
+
+def latest_step(workdir: pathlib.Path) -> int:
+    ckpt = workdir / "checkpoints"
+    steps = [int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit()] if ckpt.is_dir() else []
+    return max(steps, default=0)
+
+
+def stage_train(config, paths: Paths, dataset_info: dict[str, Any], log: Log = print) -> dict[str, Any]:
+    """Train SparseWSI with SparseLearn (resumes from the newest checkpoint of ``paths.train``)."""
+    import logging
+
+    from sparsewsi import train_cli
+    from sparsewsi.training import NonFiniteLossError, spec_from_config, train
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    tcfg = train_config(config, paths, dataset_info)
+    spec = spec_from_config(tcfg)
+    done = latest_step(paths.train)
+    if done >= tcfg.total_steps:
+        log(f"train: {paths.train} already holds step {done}")
+    else:
+        batches = train_cli.make_batches(tcfg, spec)  # the `train` command's data_pipelines wiring
+        try:
+            out = train(tcfg, batches, paths.train, spec=spec)
+        except NonFiniteLossError as e:
+            raise DemoError(f"training diverged: {e}") from e
+        if out["resumed_from"] is not None:
+            log(f"train: resumed from step {out['resumed_from']}")
+        skipped = getattr(batches, "skipped", None)
+        if skipped:
+            log(f"train: bad items skipped by the input pipeline: {dict(skipped)}")
+    hist = read_metrics(paths.train)
+    last = hist[-1] if hist else {}
+    n = max(1, len(hist) // 10)
+    return {"steps": int(last.get("step", 0)), "final_loss_mean_last10pct": float(np.mean([h["loss"] for h in hist[-n:]]))
+            if hist else None, "final_tau": last.get("tau"), "batch_size": int(tcfg.batch_size),
+            "model": {k: tcfg.model[k] for k in ("feature_dim", "k", "candidate_cap", "scorer_kind", "scorer_hidden",
+                                                 "tau_start", "tau_end", "tau_steps", "projector_hidden")},
+            "llm": dict(tcfg.llm.tiny), "lr": float(tcfg.optim.lr)}
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict[str, float]]:
+    """The trainer's ``metrics.jsonl`` rows (step order)."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 6: evaluation
+# ------------------------------------------------------------------------------------------------
+
+def load_predictor(config, paths: Paths):
+    """(SparseWSIPredictor, spec) of the trained model at budget ``eval.k``."""
+    from sparsewsi.model import SparseWSIPredictor, load_checkpoint
+
+    model, tokenizer, spec = load_checkpoint(paths.train)
+    e = config.eval
+    inner = SparseWSIPredictor(model, tokenizer, k=int(e.k), max_new_tokens=int(e.max_new_tokens),
+                               all_tokens_cap=int(e.all_tokens_cap))
+    return inner, spec
+
+
+def selections(inner, selector: str, features: np.ndarray, coords: np.ndarray | None, evidence: np.ndarray | None,
+               item_id: str, seed: int) -> np.ndarray:
+    """The token indices ``selector`` shows the model for one question (what evaluation uses).
+
+    Same function and per-question seed as the evaluation path (``CheckpointPredictor`` ->
+    ``SparseWSIPredictor.host_selection``; ``learned`` is the host twin of the in-graph Hard Top-K).
+    Returns int64 indices [<= k] (all tokens, capped, for ``all``).
+    """
+    from sparsewsi.evaluation.predictor import question_seed
+
+    n = features.shape[0]
+    idx, valid = inner.host_selection(
+        selector, features[None], np.ones((1, n), bool), coords=None if coords is None else coords[None],
+        seeds=np.array([question_seed(item_id, seed)]), evidence=None if evidence is None else evidence[None])
+    return np.asarray(idx[0][valid[0]], np.int64)
+
+
+def evidence_recall(selected: np.ndarray, evidence: np.ndarray) -> float:
+    """Fraction of the evidence tokens among ``selected`` (nan when the bag has no evidence)."""
+    ev = np.flatnonzero(np.asarray(evidence, bool))
+    if len(ev) == 0:
+        return float("nan")
+    return float(np.isin(ev, selected).mean())
+
+
+def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
+    """Evaluate every selector on the test questions (resumable runs under ``paths.eval``)."""
+    from sparsewsi.evaluation.items import load_eval_set
+    from sparsewsi.evaluation.predictor import CheckpointPredictor
+    from sparsewsi.evaluation.report import merge_run
+    from sparsewsi.evaluation.runner import BagSource, SkipItem, ensure_manifest, manifest_for, run_shard
+
+    e = config.eval
+    man_q = json.loads((paths.bench / "manifest.json").read_text())["questions"]
+    eval_set = load_eval_set(paths.bench / man_q["test"])
+    inner, spec = load_predictor(config, paths)
+    source = BagSource(paths.features, max_patches=None, cache_size=256)
+
+    def prepare_for(selector):
+        def prepare(item):
+            q = source.prepare(item)
+            if selector == "spatial" and q.coords is None:
+                raise SkipItem("no_coords", f"slide {item.slide_id}: the feature file has no coordinates")
+            if selector == "oracle" and q.evidence is None:
+                raise SkipItem("no_evidence", f"slide {item.slide_id}: no 'evidence' flags in the bag")
+            return q
+        return prepare
+
+    out: dict[str, Any] = {"questions": len(eval_set.items), "data_sha256": eval_set.sha256, "selectors": {}}
+    for selector in e.selectors:
+        run_dir = paths.eval / selector
+        predictor = CheckpointPredictor(inner, selector=selector, batch_size=int(e.batch_size), seed=int(e.seed),
+                                        describe={"name": f"sparsewsi-demo:{paths.train}",
+                                                  "spec": json.loads(spec.to_json())})
+        conf = {"max_new_tokens": int(e.max_new_tokens), "seed": int(e.seed), "all_tokens_cap": int(e.all_tokens_cap)}
+        ensure_manifest(run_dir, manifest_for(eval_set, predictor.describe(), 1, conf))
+        t0 = time.perf_counter()
+        stats = run_shard(eval_set.items, predictor, prepare_for(selector), run_dir, batch_size=int(e.batch_size))
+        results = merge_run(run_dir, eval_set)
+        ch = results["report"].get("choice") or {}
+        # Evidence recall of the very selections the model was shown.
+        recalls, shown = [], []
+        for item in eval_set.items:
+            try:
+                feats, coords, ev = source.load(item)
+            except SkipItem:
+                continue
+            if ev is None:
+                continue
+            sel = selections(inner, selector, feats, coords, ev, item.item_id, int(e.seed))
+            recalls.append(evidence_recall(sel, ev))
+            shown.append(len(sel))
+        by_task = {k: v["accuracy"] for k, v in (ch.get("breakdowns", {}).get("narrow", {}) or {}).items()}
+        out["selectors"][selector] = {
+            "accuracy": ch.get("accuracy"), "n": ch.get("n"), "by_task": by_task,
+            "unparseable": ch.get("unparseable"), "skipped": results["report"]["counts"]["skipped"],
+            "complete": results["complete"], f"evidence_recall": float(np.nanmean(recalls)) if recalls else None,
+            "tokens_shown_mean": float(np.mean(shown)) if shown else None,
+            "evaluated_this_run": stats.evaluated, "seconds_this_run": round(time.perf_counter() - t0, 2),
+            "baselines": ch.get("baselines", {}),
+        }
+        acc = ch.get("accuracy")
+        log(f"eval {selector:8s}: accuracy {'n/a' if acc is None else f'{100 * acc:.1f}%'} on {ch.get('n')} questions"
+            f" ({by_task}), evidence recall {out['selectors'][selector]['evidence_recall']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 7: the report
+# ------------------------------------------------------------------------------------------------
+
+SELECTOR_NOTES = {
+    "learned": "the trained scorer's Hard Top-K",
+    "random": "k tokens at random (seeded per question)",
+    "uniform": "k evenly spaced tokens in bag order (SlideChat's sub-sampling)",
+    "spatial": "k tokens on the coarsest regular grid over the tissue",
+    "all": "every token (evenly sub-sampled above the cap)",
+    "oracle": "the ground-truth evidence tokens first, random fill (upper bound)",
+}
+
+
+def _savefig(fig, path: pathlib.Path, dpi: int = 100) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def ordered_selectors(config, eval_info: dict[str, Any]) -> list[str]:
+    """The evaluated selectors in the config's order (JSON round trips sort them)."""
+    sels = [s for s in config.eval.selectors if s in eval_info["selectors"]]
+    return sels + sorted(s for s in eval_info["selectors"] if s not in sels)
+
+
+def accuracy_chart(eval_info: dict[str, Any], path: pathlib.Path, *, k: int, selectors: Sequence[str],
+                   title: str = "") -> None:
+    """Grouped bars: overall and per-task accuracy of every selector (target lines at 90% and 60%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sels = list(selectors)
+    tasks = sorted({t for s in sels for t in eval_info["selectors"][s]["by_task"]})
+    series = [("overall", [eval_info["selectors"][s]["accuracy"] for s in sels])]
+    series += [(t, [eval_info["selectors"][s]["by_task"].get(t) for s in sels]) for t in tasks]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    x = np.arange(len(sels))
+    w = 0.8 / len(series)
+    colors = ["#1f4e79", "#6fa8dc", "#f6b26b", "#93c47d"]
+    for i, (name, vals) in enumerate(series):
+        v = [100 * (a or 0.0) for a in vals]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * w, v, w, label=name, color=colors[i % len(colors)])
+        if name == "overall":
+            for b, val in zip(bars, v):
+                ax.text(b.get_x() + b.get_width() / 2, val + 1, f"{val:.0f}", ha="center", va="bottom", fontsize=7)
+    labels = [f"{s}\n({eval_info['selectors'][s]['tokens_shown_mean']:.0f} tok)"
+              if eval_info["selectors"][s].get("tokens_shown_mean") else s for s in sels]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 108)
+    ax.set_ylabel("accuracy (%)")
+    ax.axhline(90, color="green", lw=0.8, ls="--")
+    ax.axhline(60, color="red", lw=0.8, ls=":")
+    ax.set_title(title or f"Synthetic sparse-evidence benchmark: test accuracy by selector (k = {k})", fontsize=9)
+    ax.legend(fontsize=7, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.tight_layout()
+    _savefig(fig, path, dpi=110)
+
+
+def training_curves(hist: list[dict[str, float]], path: pathlib.Path) -> None:
+    """Loss (raw and smoothed), Soft Top-K temperature and soft-mask sharpness against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in hist])
+    loss = np.array([h["loss"] for h in hist])
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    axes[0].plot(steps, loss, lw=0.6, alpha=0.4, color="#1f4e79")
+    if len(loss) >= 5:
+        n = max(3, len(loss) // 25)
+        smooth = np.convolve(loss, np.ones(n) / n, mode="valid")
+        axes[0].plot(steps[n - 1:], smooth, lw=1.4, color="#1f4e79", label=f"mean of {n}")
+        axes[0].legend(fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set_title("training loss (answer tokens)", fontsize=9)
+    axes[1].plot(steps, [h.get("tau", np.nan) for h in hist], color="#cc4125")
+    axes[1].set_title("Soft Top-K temperature tau", fontsize=9)
+    axes[2].plot(steps, [h.get("mask_topk_mass", np.nan) for h in hist], color="#6aa84f", label="top-k mass")
+    axes[2].plot(steps, [h.get("mask_frac_above_half", np.nan) for h in hist], color="#999999", label="frac > 0.5")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_title("soft mask sharpness", fontsize=9)
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def slide_thumbnail(slide_path: pathlib.Path, max_px: int) -> tuple[np.ndarray, float]:
+    """(RGB thumbnail, level-0 px per thumbnail px) from the slide's lowest-resolution level."""
+    from PIL import Image
+
+    from sparsewsi.slides.wsi import open_slide
+
+    with open_slide(slide_path) as slide:
+        level = slide.level_count - 1
+        img = np.asarray(slide.level_array(level)[:, :, :3])
+        ds = slide.level_downsamples[level]
+    h, w = img.shape[:2]
+    f = min(1.0, max_px / max(h, w)) if max(h, w) > max_px else max_px / max(h, w)
+    out = np.asarray(Image.fromarray(img).resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR))
+    return out, ds / f
+
+
+def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, log: Log = print) -> list[pathlib.Path]:
+    """One PNG per shown test slide (and ``heatmaps.png`` with all of them): the learned scores over
+    the thumbnail with the learned top-k, the random k and the true evidence marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from sparsewsi.demo.synthetic_slides import load_manifest
+    from sparsewsi.evaluation.items import load_eval_set
+    from sparsewsi.evaluation.runner import BagSource, SkipItem
+    from sparsewsi.model.inference import _scores_jit
+
+    man = load_manifest(paths.bench)
+    eval_set = load_eval_set(paths.bench / man["questions"]["test"])
+    inner, _ = load_predictor(config, paths)
+    source = BagSource(paths.features, max_patches=None)
+    k, seed = int(config.eval.k), int(config.eval.seed)
+    by_slide = {s["slide_id"]: s for s in man["slides"]}
+    # The first identification question of each test slide, most foci first (the richest pictures).
+    items = {}
+    for it in eval_set.items:
+        if it.slide_id in by_slide and it.slide_id not in items and it.item_id.endswith("-kind"):
+            items[it.slide_id] = it
+    order = sorted(items, key=lambda s: (-by_slide[s]["count"], s))[: int(config.report.heatmap_slides)]
+    rows = []
+    for sid in order:
+        it = items[sid]
+        try:
+            feats, coords, ev = source.load(it)
+        except SkipItem as e:
+            log(f"heatmap: {sid} skipped ({e.detail})")
+            continue
+        if ev is None or coords is None:
+            continue
+        import h5py
+
+        with h5py.File(paths.features / f"{sid}.h5", "r") as f:
+            a = f["coords"].attrs
+            ps = float(a.get("patch_size_level0_exact", a.get("patch_size_level0")))
+        scores = np.asarray(_scores_jit(inner.model, feats[None], np.ones((1, len(feats)), bool)))[0]
+        learned = selections(inner, "learned", feats, coords, ev, it.item_id, seed)
+        rand = selections(inner, "random", feats, coords, ev, it.item_id, seed)
+        thumb, scale = slide_thumbnail(paths.bench / by_slide[sid]["file"], int(config.report.thumbnail_px))
+        rows.append((sid, by_slide[sid], thumb, scale, coords, ps, scores, learned, rand, ev))
+    written = []
+    if not rows:
+        return written
+    cmap = plt.get_cmap("magma")
+
+    def panel(ax, thumb, scale, coords, ps, values, chosen, ev, title):
+        ax.imshow(thumb)
+        s = ps / scale
+        if values is not None:
+            lo, hi = np.percentile(values, [5, 99.5])
+            for (x, y), v in zip(coords / scale, values):
+                c = cmap(float(np.clip((v - lo) / max(hi - lo, 1e-6), 0, 1)))
+                ax.add_patch(Rectangle((x, y), s, s, facecolor=c, edgecolor="none", alpha=0.55))
+        for i in chosen:
+            x, y = coords[i] / scale
+            ax.add_patch(Rectangle((x, y), s, s, fill=False, edgecolor="#00e5ff", lw=0.9))
+        for i in np.flatnonzero(ev):
+            x, y = coords[i] / scale
+            ax.add_patch(Rectangle((x - s * 0.35, y - s * 0.35), s * 1.7, s * 1.7, fill=False, edgecolor="#00ff00",
+                                   lw=1.6))
+        hit = int(np.isin(np.flatnonzero(ev), chosen).sum())
+        ax.set_title(f"{title}: {hit}/{int(ev.sum())} evidence", fontsize=8)
+        ax.set_axis_off()
+
+    def draw(rows_, path):
+        fig, axes = plt.subplots(len(rows_), 2, figsize=(7.2, 3.3 * len(rows_)), squeeze=False)
+        for r, (sid, rec, thumb, scale, coords, ps, scores, learned, rand, ev) in enumerate(rows_):
+            panel(axes[r, 0], thumb, scale, coords, ps, scores, learned, ev, f"{sid} learned scores, top-{k}")
+            panel(axes[r, 1], thumb, scale, coords, ps, None, rand, ev, f"random {k}")
+            axes[r, 0].text(0.0, -0.04, f"{rec['count']} x {rec['kind'].replace('_', ' ')}; {len(coords)} patches",
+                            transform=axes[r, 0].transAxes, fontsize=7, va="top")
+        fig.suptitle("cyan: tokens shown to the LLM; green: true evidence patches; colour: learned score",
+                     fontsize=8)
+        fig.tight_layout()
+        _savefig(fig, path, dpi=90)
+
+    for row in rows:
+        p = out_dir / f"{row[0]}.png"
+        draw([row], p)
+        written.append(p)
+    combined = out_dir / "heatmaps.png"
+    draw(rows, combined)
+    written.append(combined)
+    return written
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def targets(eval_info: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+    """The issue's acceptance targets as (description, met, measured)."""
+    s = eval_info["selectors"]
+
+    def get(sel, key):
+        return s.get(sel, {}).get(key)
+
+    out = []
+    acc = get("learned", "accuracy")
+    out.append(("learned top-k accuracy >= 90%", None if acc is None else acc >= 0.9, _pct(acc) + "%"))
+    for sel in ("random", "uniform"):
+        a = get(sel, "accuracy")
+        out.append((f"{sel} accuracy <= 60%", None if a is None else a <= 0.6, _pct(a) + "%"))
+    rec = get("learned", "evidence_recall")
+    out.append(("learned evidence recall@k >= 0.9", None if rec is None else rec >= 0.9,
+                "n/a" if rec is None else f"{rec:.3f}"))
+    return out
+
+
+def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: dict[str, Any],
+                     pictures: dict[str, str], command: str) -> str:
+    """The report's summary.md."""
+    import platform
+
+    import jax
+
+    k = int(config.eval.k)
+    sl, ex, an = stages["slides"]["info"], stages["extract"]["info"], stages["annotate"]["info"]
+    ds, tr = stages["dataset"]["info"], stages["train"]["info"]
+    lines = ["# SparseWSI demo: learned token selection on a synthetic sparse-evidence slide benchmark", ""]
+    lines += [
+        f"- command: `{command}`",
+        f"- seed {config.seed}; config digest `{config_digest(config)}` (`{paths.root / CONFIG_FILE}`); "
+        f"benchmark digest `{sl['config_digest']}`",
+        f"- machine: {os.cpu_count()} CPU(s) visible, JAX {jax.__version__} on {jax.default_backend()} "
+        f"({jax.local_device_count()} device(s)), Python {platform.python_version()}",
+        "",
+        "## What was run", "",
+        f"1. **slides**: {sl['slides']['train'] + sl['slides']['test']} synthetic slides ({sl['slides']['train']} train, "
+        f"{sl['slides']['test']} test; {sl['formats']['svs']} Aperio SVS, {sl['formats']['tiff']} pyramidal TIFF), "
+        f"{sl['tissue_patches'][0]}-{sl['tissue_patches'][2]} tissue patches each (mean {sl['tissue_patches'][1]}); "
+        f"1-{config.slides.max_foci} evidence foci of one of four kinds per slide, at most "
+        f"{100 * sl['evidence_fraction_max']:.2f}% of the tissue patches (mean {100 * sl['evidence_fraction_mean']:.2f}%), "
+        f"plus {config.slides.distractors[0]}-{config.slides.distractors[1]} look-alike distractors; "
+        f"{len(sl['failed'])} failed.",
+        f"2. **extract**: `sparsewsi extract` code path, encoder `{ex['encoder']}` ({ex['weights']}), "
+        f"{ex['patch_size']} px patches at {ex['target_mpp']} um/px; {ex['bags']} bags, {len(ex['failed'])} failed"
+        + (f"; {ex['patches_per_s']:.0f} patches/s" if ex.get("patches_per_s") else "") + ".",
+        f"3. **annotate**: evidence flags on {an['annotated']} bags ({an['evidence_patches']} evidence patches; "
+        f"{len(an['foci_not_found'])} bags with a focus-count mismatch).",
+        f"4. **dataset**: TFDS `synthetic_slidebench`: {ds['train_questions']} training questions "
+        f"({ds['train_questions_original']} + identification questions re-asked with "
+        f"{config.dataset.option_orders} other option orders), {ds['test_questions']} test questions; "
+        f"D = {ds['feature_dim']}.",
+        f"5. **train**: SparseWSI with SparseLearn (scorer `{tr['model']['scorer_kind']}` -> Soft Top-K k = "
+        f"{tr['model']['k']} over a candidate cap of {tr['model']['candidate_cap']} -> VP noise gate -> diagonal "
+        f"denoiser -> projector -> tiny LLM {tr['llm']}, random init, built-in tokenizer), {tr['steps']} steps of "
+        f"batch {tr['batch_size']}, lr {tr['lr']}, tau {tr['model']['tau_start']} -> {tr['model']['tau_end']} over "
+        f"{tr['model']['tau_steps']} steps; final loss {tr['final_loss_mean_last10pct']:.4f} (mean of the last 10% of steps).",
+        f"6. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "
+        f"the {eval_info['questions']} test questions for each selector at k = {k}; `all` shows every token "
+        f"(cap {config.eval.all_tokens_cap}).",
+        "",
+        "## Results", "",
+        f"| selector | tokens shown | accuracy % | identification % | counting % | evidence recall@{k} | unparseable |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    from sparsewsi.demo.synthetic_slides import NARROW_COUNT, NARROW_KIND
+
+    for sel in ordered_selectors(config, eval_info):
+        r = eval_info["selectors"][sel]
+        rec = r.get("evidence_recall")
+        rec_s = "n/a" if rec is None else f"{rec:.3f}"
+        if sel == "all":
+            rec_s += " (all tokens)"
+        lines.append(f"| {sel} | {r['tokens_shown_mean']:.0f} | **{_pct(r['accuracy'])}** | "
+                     f"{_pct(r['by_task'].get(NARROW_KIND))} | {_pct(r['by_task'].get(NARROW_COUNT))} | {rec_s} | "
+                     f"{r['unparseable']} |")
+    any_sel = next(iter(eval_info["selectors"].values()))
+    b = any_sel.get("baselines", {})
+    if b:
+        lines += ["", f"Baselines without the slide on the same questions: constant letter "
+                      f"{b.get('best_constant_letter')} {_pct(b.get('best_constant_letter_accuracy'))}%, majority "
+                      f"answer per task {_pct(b.get('majority_accuracy'))}%. Chance: 25% (identification, 4 options), "
+                      f"33% (counting, 3 options)."]
+    lines += ["", "Selectors: " + "; ".join(f"`{s}` {SELECTOR_NOTES.get(s, '')}"
+                                            for s in ordered_selectors(config, eval_info)) + ".",
+              "", "### Targets", ""]
+    for desc, met, got in targets(eval_info):
+        lines.append(f"- {desc}: {got} -> {'met' if met else ('not met' if met is not None else 'not measured')}")
+    lines += ["", "## Time per stage", "",
+              "Wall-clock and CPU (user + system, all threads and child processes) seconds; the machine may be shared.",
+              "", "| stage | wall s | CPU s | this run |", "|---|---:|---:|---|"]
+    tw = tc = 0.0
+    for st in STAGES:
+        if st not in stages:
+            continue
+        r = stages[st]
+        tw += r["wall_s"]
+        tc += r["cpu_s"]
+        lines.append(f"| {st} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r.get('status', 'ran')} |")
+    lines.append(f"| **total** | **{tw:.1f}** | **{tc:.1f}** | |")
+    lines += ["", "## Pictures", ""]
+    for name, rel in pictures.items():
+        lines.append(f"- {name}: `{rel}`")
+    if "heatmaps" in pictures:
+        lines += ["", f"![selection heatmaps]({pictures['heatmaps']})"]
+    if "accuracy chart" in pictures:
+        lines += ["", f"![accuracy]({pictures['accuracy chart']})"]
+    return "\n".join(lines) + "\n"
+
+
+def stage_report(config, paths: Paths, stages: dict[str, Any], command: str, log: Log = print) -> dict[str, Any]:
+    """Write the report folder (summary.md, results.json, accuracy.png, training_curves.png, heatmaps/)."""
+    rep = paths.report
+    rep.mkdir(parents=True, exist_ok=True)
+    eval_info = stages["eval"]["info"]
+    k = int(config.eval.k)
+    pictures = {}
+    accuracy_chart(eval_info, rep / "accuracy.png", k=k, selectors=ordered_selectors(config, eval_info))
+    pictures["accuracy chart"] = "accuracy.png"
+    hist = read_metrics(paths.train)
+    if hist:
+        training_curves(hist, rep / "training_curves.png")
+        pictures["training curves"] = "training_curves.png"
+    maps = selection_heatmaps(config, paths, rep / "heatmaps", log=log)
+    for p in maps:
+        key = "heatmaps" if p.name == "heatmaps.png" else f"heatmap {p.stem}"
+        pictures[key] = os.fspath(p.relative_to(rep))
+    results = {"config_digest": config_digest(config), "seed": int(config.seed), "k": k, "eval": eval_info,
+               "targets": [{"target": d, "met": m, "measured": g} for d, m, g in targets(eval_info)],
+               "stages": {s: {kk: v for kk, v in r.items() if kk != "info"} for s, r in stages.items()}}
+    write_json_atomic(rep / "results.json", results)
+    # The report stage's own time is not known until it ends: the summary lists the stages before it.
+    write_text_atomic(rep / "summary.md", summary_markdown(config, paths, stages, eval_info, pictures, command))
+    log(f"report: {rep / 'summary.md'}")
+    return {"files": sorted(os.fspath(p.relative_to(rep)) for p in rep.rglob("*") if p.is_file())}
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole job
+# ------------------------------------------------------------------------------------------------
+
+def run_demo(config, out_dir: os.PathLike | str, *, command: str = "sparsewsi demo", log: Log = print,
+             until: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage in order; returns ``stages.json``'s content.
+
+    Args:
+      config: the demo config (``configs/demo.py``).
+      out_dir: the run folder.
+      until: stop after this stage (default: all of them).
+    """
+    if until is not None and until not in STAGES:
+        raise DemoError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    paths = Paths(pathlib.Path(out_dir))
+    check_run_folder(paths, config)
+    stages = read_stages(paths)
+    t_all = time.perf_counter()
+    for st in STAGES:
+        prev = stages.get(st)
+        if prev and prev.get("done") and st != "report":
+            prev["status"] = "done earlier"
+            log(f"== {st}: done earlier ({prev['wall_s']:.1f} s wall, {prev['cpu_s']:.1f} s CPU); skipped")
+        else:
+            log(f"== {st}")
+            with StageTimer() as timer:
+                if st == "slides":
+                    info = stage_slides(config, paths, log)
+                elif st == "extract":
+                    info = stage_extract(config, paths, log)
+                elif st == "annotate":
+                    info = stage_annotate(config, paths, log)
+                elif st == "dataset":
+                    info = stage_dataset(config, paths, log)
+                elif st == "train":
+                    info = stage_train(config, paths, stages["dataset"]["info"], log)
+                elif st == "eval":
+                    info = stage_eval(config, paths, log)
+                else:
+                    info = None
+            if st != "report":
+                stages[st] = {"done": True, "wall_s": round(timer.wall, 2), "cpu_s": round(timer.cpu, 2),
+                              "status": "ran", "info": info, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                write_json_atomic(paths.root / STAGES_FILE, stages)
+                log(f"== {st}: {timer.wall:.1f} s wall, {timer.cpu:.1f} s CPU")
+        if st == "report":
+            with StageTimer() as timer:
+                info = stage_report(config, paths, {s: stages[s] for s in STAGES if s in stages}, command, log)
+            stages["report"] = {"done": True, "wall_s": round(timer.wall, 2), "cpu_s": round(timer.cpu, 2),
+                                "status": "ran", "info": info, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            write_json_atomic(paths.root / STAGES_FILE, stages)
+        if until == st:
+            break
+    log(f"demo: {time.perf_counter() - t_all:.1f} s this run; report in {paths.report}")
+    return stages
