@@ -261,7 +261,8 @@ class CheckpointPredictor:
     """Adapter from a trained model (``sparsewsi.model.SparseWSIPredictor``) to the evaluator's interface.
 
     Pads each batch's bags to a common length (a power of two >= k, so few shapes compile), passes
-    coordinates for ``spatial`` and per-question seeds for ``random``, and returns the decoded texts.
+    coordinates for ``spatial``, evidence flags for ``oracle`` (when every bag of the batch has them)
+    and per-question seeds for ``random``, and returns the decoded texts.
 
     Args:
       predictor: a ``sparsewsi.model.SparseWSIPredictor``.
@@ -294,13 +295,16 @@ class CheckpointPredictor:
             feats = np.zeros((len(qs), n, d), np.float32)
             mask = np.zeros((len(qs), n), bool)
             coords = np.zeros((len(qs), n, 2), np.int64) if all(q.coords is not None for q in qs) else None
+            evidence = np.zeros((len(qs), n), bool) if all(q.evidence is not None for q in qs) else None
             for i, q in enumerate(qs):
                 m = q.features.shape[0]
                 feats[i, :m], mask[i, :m] = q.features, True
                 if coords is not None:
                     coords[i, :m] = q.coords
+                if evidence is not None:
+                    evidence[i, :m] = q.evidence
             seeds = np.array([question_seed(q.item_id, self.seed) for q in qs], np.int64)
             pred = self.predictor.predict(feats, mask, [q.prompt for q in qs], selector=self.selector,
-                                          coords=coords, seeds=seeds, seed=self.seed)
+                                          coords=coords, seeds=seeds, seed=self.seed, evidence=evidence)
             out.extend(t.strip() for t in pred.texts[:real])
         return out

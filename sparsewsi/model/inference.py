@@ -91,8 +91,11 @@ class SparseWSIPredictor:
     def encode(self, questions: Sequence[str]) -> dict[str, np.ndarray]:
         return encode_chats(self.tokenizer, questions, prompt_only=True, pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def host_selection(self, selector: str, features, feature_mask, *, coords=None, seeds=None):
-        """[B, M] indices + valid for a named selector (``baselines.SELECTORS``); M = k, or the cap for 'all'."""
+    def host_selection(self, selector: str, features, feature_mask, *, coords=None, seeds=None, evidence=None):
+        """[B, M] indices + valid for a named selector (``baselines.SELECTORS``); M = k, or the cap for 'all'.
+
+        ``evidence`` [B, N] bool: ground-truth evidence flags, needed by 'oracle' (synthetic data).
+        """
         features = np.asarray(features)
         b, n = features.shape[:2]
         mask = np.asarray(feature_mask, bool)
@@ -103,11 +106,12 @@ class SparseWSIPredictor:
             picks.append(baselines.select_indices(
                 selector, n, self.k, mask=mask[i], scores=None if scores is None else scores[i],
                 coords=None if coords is None else np.asarray(coords)[i],
+                evidence=None if evidence is None else np.asarray(evidence, bool)[i],
                 seed=int(seeds[i]) if seeds is not None else i, cap=budget))
         return baselines.pad_selections(picks, budget)
 
     def predict(self, features, feature_mask, questions: Sequence[str] | None = None, *, selector: str = "learned",
-                prompt: dict | None = None, coords=None, seeds=None, seed: int = 0) -> Prediction:
+                prompt: dict | None = None, coords=None, seeds=None, seed: int = 0, evidence=None) -> Prediction:
         """Generate answers.
 
         Args:
@@ -116,6 +120,7 @@ class SparseWSIPredictor:
           selector: 'learned' (in-graph scorer + Hard Top-K) or a host baseline from
             ``baselines.SELECTORS`` ('random', 'uniform', 'spatial' (needs coords), 'all', ...).
           seeds: per-row seeds for the random selectors.
+          evidence: [B, N] bool ground-truth evidence flags, for the 'oracle' selector.
         """
         if (questions is None) == (prompt is None):
             raise ValueError("pass exactly one of questions or prompt")
@@ -129,7 +134,8 @@ class SparseWSIPredictor:
         if selector == "learned":
             out = infer_jit(self.model, *args, sampling=self.sampling, k=self.k)
         else:
-            idx, val = self.host_selection(selector, features, feature_mask, coords=coords, seeds=seeds)
+            idx, val = self.host_selection(selector, features, feature_mask, coords=coords, seeds=seeds,
+                                           evidence=evidence)
             out = infer_jit(self.model, *args, sampling=self.sampling, k=self.k, indices=jnp.asarray(idx),
                             valid=jnp.asarray(val))
         tokens, lengths, idx, val = (np.asarray(o) for o in out)

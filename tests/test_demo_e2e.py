@@ -1,0 +1,138 @@
+"""``sparsewsi demo`` end to end, shrunken (``configs/demo.py:small``): every stage runs through the real
+code (slides -> extract -> evidence flags -> TFDS dataset -> trainer -> eval runner -> report), the report
+folder holds its files and every selector, and reruns skip or resume work. Plumbing, not accuracy."""
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from sparsewsi.demo import run as demo
+from sparsewsi.train_cli import apply_overrides, load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SELECTORS = ("learned", "random", "uniform", "spatial", "all", "oracle")
+
+
+def small_config(**overrides):
+    c = load_config(str(REPO / "configs" / "demo.py") + ":small")
+    c.num_slides = 6
+    c.progress = False
+    return apply_overrides(c, [f"{k}={v!r}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    logs = []
+    stages = demo.run_demo(small_config(), out, log=logs.append)
+    return out, stages, logs
+
+
+def test_report_folder_has_every_file_and_selector(first_run):
+    out, stages, _ = first_run
+    assert [s for s in demo.STAGES if stages[s]["status"] == "ran"] == list(demo.STAGES)
+    rep = out / "report"
+    for name in ("summary.md", "results.json", "accuracy.png", "training_curves.png", "heatmaps/heatmaps.png"):
+        assert (rep / name).is_file() and (rep / name).stat().st_size > 0, name
+    assert len(list((rep / "heatmaps").glob("SYN-*.png"))) >= 1
+    summary = (rep / "summary.md").read_text()
+    table = [line for line in summary.splitlines() if line.startswith("| ") and "selector" not in line]
+    for sel in SELECTORS:
+        assert any(line.startswith(f"| {sel} |") for line in table), f"{sel} missing from the accuracy table"
+    assert "## Time per stage" in summary and "evidence recall@" in summary
+    results = json.loads((rep / "results.json").read_text())
+    ev = results["eval"]["selectors"]
+    assert set(ev) == set(SELECTORS)
+    n_test = len(list(csv.DictReader(open(out / "bench" / "questions" / "test.csv"))))
+    for sel, r in ev.items():
+        assert r["n"] == n_test and r["complete"], sel
+        assert 0.0 <= r["accuracy"] <= 1.0
+    # The oracle sees every evidence token; 'all' sees every token; the others at most k.
+    assert ev["oracle"]["evidence_recall"] == 1.0 and ev["all"]["evidence_recall"] == 1.0
+    assert ev["random"]["tokens_shown_mean"] == 32 and ev["all"]["tokens_shown_mean"] > 32
+    # Stage outputs of the real pipeline.
+    assert len(list((out / "features").glob("SYN-*.h5"))) == 6
+    assert (out / "train" / "model.json").is_file() and demo.latest_step(out / "train") == 4
+    for sel in SELECTORS:
+        assert (out / "eval" / sel / "results.json").is_file()
+    for st in demo.STAGES:
+        assert stages[st]["wall_s"] >= 0 and stages[st]["cpu_s"] >= 0
+
+
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_eval(first_run):
+    out, _, _ = first_run
+    before = json.loads((out / "report" / "results.json").read_text())["eval"]["selectors"]
+    # Simulate an evaluation killed after one answer of the random selector.
+    pred = out / "eval" / "random" / "predictions.shard00000-of00001.jsonl"
+    lines = pred.read_text().splitlines(keepends=True)
+    pred.write_text(lines[0])
+    stages = json.loads((out / demo.STAGES_FILE).read_text())
+    del stages["eval"]
+    (out / demo.STAGES_FILE).write_text(json.dumps(stages))
+    logs = []
+    again = demo.run_demo(small_config(), out, log=logs.append)
+    assert [s for s in demo.STAGES if again[s]["status"] == "done earlier"] == list(demo.STAGES[:5])
+    ev = again["eval"]["info"]["selectors"]
+    assert ev["random"]["evaluated_this_run"] == len(lines) - 1
+    assert all(ev[s]["evaluated_this_run"] == 0 for s in SELECTORS if s != "random")
+    after = json.loads((out / "report" / "results.json").read_text())["eval"]["selectors"]
+    for sel in SELECTORS:  # deterministic: the resumed answers are the ones the first run gave
+        assert after[sel]["accuracy"] == before[sel]["accuracy"], sel
+        assert after[sel]["evidence_recall"] == before[sel]["evidence_recall"], sel
+    assert len(pred.read_text().splitlines()) == len(lines)
+    # A third run has nothing left to do but the report.
+    third = demo.run_demo(small_config(), out, log=[].append)
+    assert [s for s in demo.STAGES if third[s]["status"] == "ran"] == ["report"]
+
+
+def test_other_settings_in_the_same_folder_are_refused(first_run):
+    out, _, _ = first_run
+    with pytest.raises(demo.DemoError, match="train.total_steps"):
+        demo.run_demo(small_config(**{"train.total_steps": 5}), out, log=[].append)
+    # Throughput / display settings may change between reruns.
+    demo.check_run_folder(demo.Paths(out), small_config(**{"eval.batch_size": 4, "progress": True}))
+
+
+def test_command_line_overrides_and_errors(tmp_path, capsys):
+    from sparsewsi.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["demo", "--config", str(REPO / "configs" / "demo.py") + ":small", "--out", str(out),
+               "--config.num_slides=3", "--config.slides.distractors=(1,2)", "--until", "slides", "--no-progress"])
+    assert rc == 0
+    man = json.loads((out / "bench" / "manifest.json").read_text())
+    assert len(man["slides"]) == 3 and man["config"]["distractors"] == [1, 2]
+    saved = json.loads((out / demo.CONFIG_FILE).read_text())
+    assert saved["num_slides"] == 3
+    assert main(["demo", "--out", str(out), "--config", str(tmp_path / "missing.py")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # unknown field: argparse names it
+        main(["demo", "--out", str(out), "--config.no_such_field=1"])
+
+
+def test_augmented_questions_move_the_answer_letter_with_its_option():
+    row = {"ID": "SYN-0001-kind", "Slide": "SYN-0001", "Tumor": "SYN", "Broad Category": "Microscopy",
+           "Narrow Category": "Structure identification", "Question": "Which?", "A": "alpha", "B": "beta",
+           "C": "gamma", "D": "delta", "Answer": "C"}
+    count = dict(row, ID="SYN-0001-count", **{"Narrow Category": "Focus counting", "Answer": "B"})
+    out = demo.augment_questions([row, count], 3, seed=0)
+    assert len(out) == 5 and out[0] == row and out[-1] == count
+    orders = set()
+    for r in out[:4]:
+        assert r[r["Answer"]] == "gamma"
+        assert sorted(r[k] for k in "ABCD") == sorted(["alpha", "beta", "gamma", "delta"])
+        orders.add(tuple(r[k] for k in "ABCD"))
+    assert len(orders) == 4  # every copy is a new order
+    assert demo.augment_questions([row, count], 3, seed=0) == out  # seeded
+    assert demo.augment_questions([row], 0, seed=0) == [row]
+
+
+def test_evidence_recall():
+    ev = np.zeros(10, bool)
+    ev[[2, 7]] = True
+    assert demo.evidence_recall(np.array([0, 2, 5]), ev) == 0.5
+    assert demo.evidence_recall(np.array([2, 7]), ev) == 1.0
+    assert np.isnan(demo.evidence_recall(np.array([1]), np.zeros(10, bool)))
