@@ -39,8 +39,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         feature_dim=512, k=32, candidate_cap=int(a.get("cap", 4096)), scorer_kind="mlp", scorer_hidden=1024,
         scorer_depth=2, scorer_heads=16, tau_start=2.0, tau_end=0.1, tau_steps=2000, denoiser=True,
         projector_hidden=0, llm_seed=0, seed=0))
+    # Mixed precision: bfloat16 compute, float32 weights (LoRA adapters take the kernels' dtype, and
+    # AdamW on bfloat16 weights loses small updates); FSDP spreads the float32 copy over the devices.
     c.llm = ml_collections.ConfigDict(dict(path=a.get("llm"), tokenizer=None, dtype="bfloat16",
-                                           param_dtype="float32" if full else "bfloat16", tiny={}))
+                                           param_dtype="float32", tiny={}))
     c.lora = ml_collections.ConfigDict(dict(rank=0 if full else 64, alpha=128.0, targets=None))
     c.optim = ml_collections.ConfigDict(dict(
         lr=2e-5 if full else 2e-4, warmup_steps=300, end_lr_ratio=0.0, weight_decay=0.0, clip_norm=1.0,
@@ -48,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # new modules at 10x the LLM rate when the LLM is fully unfrozen (SlideChat's 1e-3 vs ~1e-4 ratio)
         param_groups=[(r"llm\..*", 1.0), (r".*", 10.0)] if full
         else [(r".*\.lora\..*", 1.0), (r"llm\..*", None), (r".*", 1.0)]))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if not full else dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
     c.data = ml_collections.ConfigDict(dict(
         source="tfds", path=a.get("data", ""), split="train", features_root=a.get("features_root", ""),

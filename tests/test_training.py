@@ -212,3 +212,25 @@ def test_optimizer_groups_schedule_and_accumulation():
         np.testing.assert_allclose(u2[k], u1[k], rtol=1e-5)
     assert float(sched(0)) == 0.0 and abs(float(sched(1)) - 0.1) < 1e-7  # warm-up then peak
     np.testing.assert_allclose(np.abs(u1["projector.w"]) / np.abs(u1["scorer.w"]), 10.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,arg", [("tiny", ""), ("stage1_caption", "runlocal"), ("stage2_vqa", "runlocal"),
+                                      ("stage2_vqa", "full,runlocal")])
+def test_configs_build_a_model_spec_and_document_their_launch(name, arg):
+    from sparsewsi.train_cli import apply_overrides, load_config
+
+    path = REPO / "configs" / f"{name}.py"
+    assert f"sparsewsi train --config configs/{name}.py" in path.read_text()  # launch command in the docstring
+    cfg = apply_overrides(load_config(f"{path}:{arg}"), ["optim.lr=5e-4", "model.k=4"])
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    spec = spec_from_config(cfg)
+    assert spec.model.k == 4 and spec.model.image_token_id == spec.model.image_token_id
+    from sparsewsi.model import build_model, flat_params
+    from sparsewsi.training.optimizer import group_of
+    names = list(flat_params(build_model(spec)))
+    trained = [n for n in names if group_of(n, [tuple(r) for r in cfg.optim.param_groups]) is not None]
+    assert any(n.startswith("scorer.") for n in trained) and any(n.startswith("projector.") for n in trained)
+    if name == "stage1_caption":
+        assert not any(n.startswith("llm.") for n in trained)  # stage 1: LLM frozen
+    with pytest.raises(KeyError, match="no field"):
+        apply_overrides(cfg, ["optim.lrr=1"])
