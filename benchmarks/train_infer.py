@@ -33,7 +33,7 @@ from sparsewsi.llm import SamplingConfig, build_tiny_tokenizer, tiny_config
 from sparsewsi.llm.config import LLMConfig
 from sparsewsi.model import ParamSplit, SparseWSI, SparseWSIConfig, encode_chats, image_token_id, infer
 from sparsewsi.selection import hard_topk
-from sparsewsi.training import init_state, make_optimizer, make_train_step, memory_report  # noqa: F401
+from sparsewsi.training import init_state, make_optimizer, make_train_step
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from sparsewsi.llm import SamplingConfig, build_tiny_tokenizer, generate, stop_token_ids, tiny_config
-from sparsewsi.model import (SparseWSI, SparseWSIConfig, SparseWSIPredictor, check_batch, encode_chats, flat_params,
+from sparsewsi.model import (SparseWSI, SparseWSIConfig, SparseWSIPredictor, check_batch, encode_chats,
                              image_token_id, infer_jit, splice)
 from sparsewsi.selection import gather_tokens, hard_topk
 from sparsewsi.selection.sparselearn import standardize_tokens
@@ -80,10 +80,11 @@ def test_padding_tokens_get_no_score_and_no_mask_mass(model, batch):
     b = {k: jnp.asarray(v) for k, v in batch.items()}
     feats = jnp.pad(b["features"], ((0, 0), (0, 8), (0, 0)), constant_values=7.0)
     fmask = jnp.pad(b["feature_mask"], ((0, 0), (0, 8)))
-    s1 = model.scorer(b["features"], b["feature_mask"])
-    s2 = model.scorer(feats, fmask)
+    scores = nnx.jit(lambda m, x, mask: m.scorer(x, mask))
+    s1 = scores(model, b["features"], b["feature_mask"])
+    s2 = scores(model, feats, fmask)
     np.testing.assert_allclose(s1, s2[:, :24], atol=1e-5)
-    alpha = soft_topk(s2, 4, 0.5, fmask)
+    alpha = jax.jit(lambda s, mask: soft_topk(s, 4, 0.5, mask))(s2, fmask)
     assert float(jnp.abs(alpha[:, 24:]).max()) == 0.0
     np.testing.assert_allclose(alpha.sum(-1), 4.0, rtol=1e-4)
 

@@ -3,7 +3,6 @@ the exported Hugging Face LLM has the LoRA merged, and ``sparsewsi export`` work
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from sparsewsi.llm import apply_lora, build_tiny_tokenizer, create_model, LoRACo
 from sparsewsi.model import ModelSpec, SparseWSI, SparseWSIConfig, flat_params, image_token_id  # noqa: E402
 from sparsewsi.model.checkpoint import SPEC_FILE  # noqa: E402
 from sparsewsi.model.export import export  # noqa: E402
-from sparsewsi.selection.sparselearn import standardize_tokens  # noqa: E402
 
 
 def _randomise(model, seed=0):

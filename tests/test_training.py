@@ -4,7 +4,6 @@ corrupt-checkpoint fallback, metrics files and fail-fast on NaN."""
 import importlib.util
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
@@ -224,7 +223,8 @@ def test_configs_build_a_model_spec_and_document_their_launch(name, arg):
     cfg = apply_overrides(load_config(f"{path}:{arg}"), ["optim.lr=5e-4", "model.k=4"])
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
     spec = spec_from_config(cfg)
-    assert spec.model.k == 4 and spec.model.image_token_id == spec.model.image_token_id
+    from sparsewsi.model import image_token_id as image_id_of
+    assert spec.model.k == 4 and spec.model.image_token_id == image_id_of(load_tokenizer(spec))
     from sparsewsi.model import build_model, flat_params
     from sparsewsi.training.optimizer import group_of
     names = list(flat_params(build_model(spec)))

@@ -10,7 +10,6 @@ the same compiled program, which then skips the scorer.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax

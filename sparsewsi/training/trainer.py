@@ -19,7 +19,6 @@ import time
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparsewsi.model import ModelSpec, ParamSplit, SparseWSIConfig, build_model, check_batch, image_token_id
