@@ -24,6 +24,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def config_overrides_to_set(argv: list[str]) -> list[str]:
+    """big_vision-style ``--config.a.b=value`` (or ``--config.a.b value``) -> ``--set a.b=value``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.") and len(arg) > len("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"sparsewsi: {arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            out += ["--set", f"{key}={value}"]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsewsi",
@@ -48,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
+    if getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):
+        rest = config_overrides_to_set(rest)
     sub_parser = argparse.ArgumentParser(prog=f"sparsewsi {name}", description=help_text)
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)

@@ -24,12 +24,15 @@ import sys
 
 log = logging.getLogger("sparsewsi.train")
 
+# `sparsewsi train ... --config.optim.lr=1e-4` is rewritten to `--set optim.lr=1e-4` by sparsewsi.cli.
+ACCEPTS_CONFIG_OVERRIDES = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally with an argument: configs/x.py:arg")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics and model.json go here (resumes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
+                        help="override a config field, e.g. --set optim.lr=1e-4 or --config.optim.lr=1e-4 (repeatable)")
     parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (explicit multi-process set-up)")
     parser.add_argument("--num-processes", type=int, default=None)
