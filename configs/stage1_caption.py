@@ -16,17 +16,12 @@ Arguments (``:key=value,...``): ``llm`` (Hugging Face folder), ``data`` (prepare
 
 import ml_collections
 
+from sparsewsi.config_args import parse_arg
 
-def _parse(arg: str) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if value else "1"
-    return out
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _parse(arg)
+    a = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 8000

@@ -9,17 +9,12 @@ Arguments (``configs/tiny.py:key=value,...``): ``steps`` (total steps), ``stage`
 
 import ml_collections
 
+from sparsewsi.config_args import parse_arg
 
-def _parse(arg: str) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _parse(arg)
+    a = parse_arg(arg)
     stage = int(a.get("stage", 2))
     c = ml_collections.ConfigDict()
     c.seed = 0
