@@ -19,7 +19,6 @@ import ml_collections
 from sparsewsi.config_args import parse_arg
 
 
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = parse_arg(arg)
     c = ml_collections.ConfigDict()

@@ -12,7 +12,6 @@ import ml_collections
 from sparsewsi.config_args import parse_arg
 
 
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = parse_arg(arg)
     stage = int(a.get("stage", 2))
