@@ -47,8 +47,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipelines.prompts import PromptError, build_messages, tokenize_chat
 from sparsewsi.features.readers import FeatureFileError, read_feature_bag
+from sparsewsi.model.prompts import PromptError, build_messages, tokenize_chat
 
 BAD_REASONS: tuple[str, ...] = (
     "ok",
@@ -183,7 +183,7 @@ class LoadAndTokenize(grain.transforms.Map):
                 raise FeatureFileError(bag.source, "bad_layout", f"{bag.num_patches} patches exceed the largest bucket")
             out["features"] = bag.features
             out["coords"] = bag.coords.astype(np.int32) if bag.coords is not None else None
-            messages = build_messages(record["user_turns"], record["assistant_turns"], with_answers=cfg.with_answers)
+            messages = build_messages(record["user_turns"], record["assistant_turns"] if cfg.with_answers else None)
             chat = tokenize_chat(self.tokenizer, messages, max_tokens=max(cfg.token_buckets),
                                  add_generation_prompt=not cfg.with_answers)
             out.update(input_ids=chat.input_ids, loss_mask=chat.loss_mask, image_position=chat.image_position)

@@ -11,7 +11,7 @@ import pytest
 from data_pipelines.build import build
 from data_pipelines.builders import StaleDatasetError
 from data_pipelines.pipeline import BAD_REASONS, InputPipeline, PipelineConfig
-from data_pipelines.prompts import IMAGE_TOKEN
+from sparsewsi.llm import IMAGE_TOKEN
 from sparsewsi.datasets import read_wsi_vqa
 
 D = 16  # feature width of the generated bags (real CONCH bags are 512)

@@ -24,12 +24,14 @@ from sparsewsi.model.checkpoint import load_checkpoint
 from sparsewsi.model.config import SparseWSIConfig
 from sparsewsi.model.inference import Prediction, SparseWSIPredictor, infer, infer_jit
 from sparsewsi.model.params import ParamSplit, assign_params, flat_params, param_shardings, shard_params
-from sparsewsi.model.prompts import PromptError, check_batch, encode_chats, image_token_id
+from sparsewsi.model.prompts import (PromptError, TokenizedChat, build_messages, check_batch, encode_chats,
+                                     image_token_id, tokenize_chat)
 from sparsewsi.model.sparsewsi import Projector, SparseWSI, answer_loss, splice
 
 __all__ = [
     "ModelSpec", "build_model", "llm_config_from", "load_tokenizer", "load_checkpoint", "SparseWSIConfig",
     "Prediction", "SparseWSIPredictor", "infer", "infer_jit", "ParamSplit", "assign_params", "flat_params",
-    "param_shardings", "shard_params", "PromptError", "check_batch", "encode_chats", "image_token_id",
+    "param_shardings", "shard_params", "PromptError", "TokenizedChat", "build_messages", "check_batch",
+    "encode_chats", "image_token_id", "tokenize_chat",
     "Projector", "SparseWSI", "answer_loss", "splice",
 ]

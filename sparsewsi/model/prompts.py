@@ -10,6 +10,7 @@ Every row holds exactly one ``<image>`` token, where the model splices in the vi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -29,14 +30,95 @@ def image_token_id(tokenizer) -> int:
     return int(ids[0])
 
 
-def _messages(question: str, answer: str | None, system: str | None) -> list[dict]:
-    if IMAGE_TOKEN in question:
-        raise PromptError(f"question already contains {IMAGE_TOKEN!r}: {question[:80]!r}")
-    msgs = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"})
-    if answer is not None:
-        msgs.append({"role": "assistant", "content": answer})
-    return msgs
+@dataclasses.dataclass(frozen=True)
+class TokenizedChat:
+    """One tokenised conversation.
+
+    Attributes:
+      input_ids: ``[L]`` int32 token ids.
+      loss_mask: ``[L]`` bool, True on the assistant-reply tokens (reply text and the end-of-turn
+        marker; not the newline the template writes after the marker).
+      image_position: index in ``input_ids`` of the single ``<image>`` token.
+      truncated: whether the last reply was cut to fit ``max_tokens``.
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    image_position: int
+    truncated: bool
+
+
+def build_messages(user_turns: Sequence[str], assistant_turns: Sequence[str] | None = None, *,
+                   system: str | None = None) -> list[dict]:
+    """Chat messages with ``<image>`` at the front of the first user turn (SlideChat's order).
+
+    Without ``assistant_turns`` only the first user turn is kept (a generation prompt).
+    """
+    if not user_turns:
+        raise PromptError("a conversation needs at least one user turn")
+    if any(IMAGE_TOKEN in u for u in user_turns):
+        raise PromptError(f"a user turn already contains {IMAGE_TOKEN!r}: {user_turns[0][:80]!r}")
+    first = f"{IMAGE_TOKEN}\n{user_turns[0]}" if user_turns[0] else IMAGE_TOKEN
+    messages = [{"role": "system", "content": system}] if system else []
+    if assistant_turns is None:
+        return messages + [{"role": "user", "content": first}]
+    if len(assistant_turns) != len(user_turns):
+        raise PromptError(f"{len(user_turns)} user turns but {len(assistant_turns)} replies")
+    for i, (u, a) in enumerate(zip(user_turns, assistant_turns)):
+        messages.append({"role": "user", "content": first if i == 0 else u})
+        messages.append({"role": "assistant", "content": a})
+    return messages
+
+
+def tokenize_chat(tokenizer, messages: list[dict], *, max_tokens: int | None = None,
+                  add_generation_prompt: bool = False) -> TokenizedChat:
+    """Tokenises ``messages`` with the tokenizer's chat template, marking the reply tokens.
+
+    The conversation is rendered prefix by prefix, so each assistant reply's tokens are known
+    exactly (works for any prefix-stable template, e.g. Qwen's ``<|im_start|>`` format).
+
+    Args:
+      tokenizer: a transformers tokenizer with ``apply_chat_template`` and a single-token ``<image>``.
+      messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; exactly one ``<image>``.
+      max_tokens: the longest sequence allowed; a too-long last reply is cut (``truncated``), a
+        prompt that does not fit even without its reply raises PromptError.
+      add_generation_prompt: end with the assistant header (a generation prompt).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise PromptError(f"tokenizer {type(tokenizer).__name__} has no chat template")
+    image_id = image_token_id(tokenizer)
+    ids: list[int] = []
+    mask: list[bool] = []
+    rendered = ""
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        gen = message["role"] != "assistant" and (
+            (i < last and messages[i + 1]["role"] == "assistant") or (i == last and add_generation_prompt))
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, add_generation_prompt=gen)
+        if not text.startswith(rendered):
+            raise PromptError("the chat template is not prefix-stable (a later turn rewrites earlier text)")
+        piece = text[len(rendered):]
+        rendered = text
+        if message["role"] == "assistant" and piece.endswith("\n"):
+            # Learn the reply and its end-of-turn marker, not the newline the template puts after it.
+            reply = tokenizer(piece[:-1], add_special_tokens=False)["input_ids"]
+            tail = tokenizer("\n", add_special_tokens=False)["input_ids"]
+            ids += reply + tail
+            mask += [True] * len(reply) + [False] * len(tail)
+        else:
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += piece_ids
+            mask += [message["role"] == "assistant"] * len(piece_ids)
+    truncated = False
+    if max_tokens is not None and len(ids) > max_tokens:
+        first_target = mask.index(True) if True in mask else len(ids)
+        if first_target >= max_tokens:
+            raise PromptError(f"the prompt alone is {first_target} tokens, over the limit of {max_tokens}")
+        ids, mask, truncated = ids[:max_tokens], mask[:max_tokens], True
+    positions = [j for j, t in enumerate(ids) if t == image_id]
+    if len(positions) != 1:
+        raise PromptError(f"expected exactly one {IMAGE_TOKEN} token, found {len(positions)}")
+    return TokenizedChat(np.asarray(ids, np.int32), np.asarray(mask, bool), positions[0], truncated)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -62,28 +144,17 @@ def encode_chats(tokenizer, questions: Sequence[str], answers: Sequence[str] | N
     """
     if not prompt_only and (answers is None or len(answers) != len(questions)):
         raise PromptError(f"{len(questions)} questions need as many answers for training rows")
-    image_id = image_token_id(tokenizer)
     rows, targets = [], []
     for i, q in enumerate(questions):
-        prompt = tokenizer.apply_chat_template(_messages(q, None, system), tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if prompt_only:
-            ids, loss = list(prompt_ids), [0] * len(prompt_ids)
-        else:
-            full = tokenizer.apply_chat_template(_messages(q, answers[i], system), tokenize=False)
-            if not full.startswith(prompt):
-                raise PromptError("the chat template renders the reply turn differently from the generation prompt; "
-                                  "cannot locate the answer tokens")
-            reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-            # The template ends the turn with "<|im_end|>\n": learn the end marker, not the newline after it.
-            reply = full[len(prompt):]
-            if reply.endswith("\n"):
-                reply_ids = tokenizer(reply[:-1], add_special_tokens=False)["input_ids"]
-            ids, loss = list(prompt_ids) + list(reply_ids), [0] * len(prompt_ids) + [1] * len(reply_ids)
-        if ids.count(image_id) != 1:
-            raise PromptError(f"row {i}: {ids.count(image_id)} <image> tokens after tokenisation (expected 1)")
-        rows.append(ids)
-        targets.append(loss)
+        try:
+            if prompt_only:
+                chat = tokenize_chat(tokenizer, build_messages([q], system=system), add_generation_prompt=True)
+            else:
+                chat = tokenize_chat(tokenizer, build_messages([q], [answers[i]], system=system))
+        except PromptError as e:
+            raise PromptError(f"row {i}: {e}") from e
+        rows.append(chat.input_ids.tolist())
+        targets.append(chat.loss_mask.astype(int).tolist())
     longest = max(len(r) for r in rows)
     t = max_length if max_length is not None else _round_up(longest, pad_to_multiple_of)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
