@@ -764,6 +764,23 @@ def targets(eval_info: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def diagnosis(eval_info: dict[str, Any], margin: float = 0.1) -> list[str]:
+    """Plain-language readings of the table that explain a missed target (empty when none applies)."""
+    s = eval_info["selectors"]
+    acc = {k: v.get("accuracy") for k, v in s.items() if v.get("accuracy") is not None}
+    out = []
+    if "oracle" in acc and "random" in acc and acc["oracle"] <= acc["random"] + margin:
+        out.append(f"the oracle selection (every evidence patch shown) scores {_pct(acc['oracle'])}% against "
+                   f"{_pct(acc['random'])}% for random tokens: the trained model does not read the evidence from its "
+                   "visual tokens, so no selector can do better than the text alone")
+    rec = s.get("learned", {}).get("evidence_recall")
+    rnd = s.get("random", {}).get("evidence_recall")
+    if rec is not None and rnd is not None and rec <= rnd:
+        out.append(f"the learned scorer finds fewer evidence patches (recall {rec:.3f}) than random picks ({rnd:.3f}): "
+                   "without a reader that uses the evidence, SparseLearn gives the scorer no signal towards it")
+    return out
+
+
 def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: dict[str, Any],
                      pictures: dict[str, str], command: str) -> str:
     """The report's summary.md."""
@@ -835,6 +852,7 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
               "", "### Targets", ""]
     for desc, met, got in targets(eval_info):
         lines.append(f"- {desc}: {got} -> {'met' if met else ('not met' if met is not None else 'not measured')}")
+    lines += [f"- {note}" for note in diagnosis(eval_info)]
     lines += ["", "## Time per stage", "",
               "Wall-clock and CPU (user + system, all threads and child processes) seconds; the machine may be shared.",
               "", "| stage | wall s | CPU s | this run |", "|---|---:|---:|---|"]
@@ -899,7 +917,7 @@ def run_demo(config, out_dir: os.PathLike | str, *, command: str = "sparsewsi de
     """
     if until is not None and until not in STAGES:
         raise DemoError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
-    paths = Paths(pathlib.Path(out_dir))
+    paths = Paths(pathlib.Path(out_dir).absolute())  # orbax restores only from absolute paths
     check_run_folder(paths, config)
     stages = read_stages(paths)
     t_all = time.perf_counter()
