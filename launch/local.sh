@@ -22,6 +22,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[sparsewsi] installing sparsewsi[test] into $venv (first run takes a few minutes)" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -e "$repo[test]"
+  # Parity references: timm / open_clip declare torchvision, whose PyPI build does not import beside
+  # the CPU torch; install them without it (tests/torchvision_stub.py covers their unused imports).
+  "$venv/bin/python" -m pip install --quiet --no-deps "timm==1.0.31" "open_clip_torch==3.3.0"
   echo "$want" > "$stamp"
 fi
 

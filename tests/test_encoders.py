@@ -1,8 +1,7 @@
 """Parity of the Flax ViT encoders with PyTorch references on random weights, and weight import errors.
 
-timm and open_clip cannot be imported here: both import torchvision at module load
-(timm.layers.create_norm, open_clip.transform), and PyPI torchvision does not import beside the
-pinned CPU torch. The references below therefore re-state timm's ``VisionTransformer`` structure
+``tests/test_encoders_timm.py`` checks the same encoders against timm's and open_clip's own code.
+The references below re-state timm's ``VisionTransformer`` structure
 (PatchEmbed conv, cls/reg tokens, pos_embed, pre-norm blocks with fused qkv, LayerScale, exact
 GELU, LayerNorm eps 1e-6, CLS pooling) and open_clip's ``AttentionalPooler`` (which is built on
 torch's own ``nn.MultiheadAttention``, used as is) with the same parameter names as the originals,
