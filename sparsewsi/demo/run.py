@@ -24,7 +24,8 @@ Layout of the run folder (default ``runs/demo``)::
 
 Every stage is resumable: finished stages are recorded in ``stages.json`` and skipped; an
 interrupted stage resumes from what it had written (slides and bags already written, the latest
-training checkpoint, questions already answered). Everything derives from ``config.seed``.
+training checkpoint, questions already answered). The report is rewritten on every run (seconds).
+Everything derives from ``config.seed``.
 
 This module is the command-line layer: it is the one place (besides ``sparsewsi.train_cli``, whose
 wiring it reuses) where ``data_pipelines`` is imported, lazily inside :func:`stage_dataset` and
@@ -33,11 +34,9 @@ wiring it reuses) where ``data_pipelines`` is imported, lazily inside :func:`sta
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -503,7 +502,8 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
         conf = {"max_new_tokens": int(e.max_new_tokens), "seed": int(e.seed), "all_tokens_cap": int(e.all_tokens_cap)}
         ensure_manifest(run_dir, manifest_for(eval_set, predictor.describe(), 1, conf))
         t0 = time.perf_counter()
-        stats = run_shard(eval_set.items, predictor, prepare_for(selector), run_dir, batch_size=int(e.batch_size))
+        stats = run_shard(eval_set.items, predictor, prepare_for(selector), run_dir, batch_size=int(e.batch_size),
+                          log=lambda m, s=selector: log(f"eval {s}: {m}"))
         results = merge_run(run_dir, eval_set)
         ch = results["report"].get("choice") or {}
         # Evidence recall of the very selections the model was shown.
@@ -522,7 +522,7 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
         out["selectors"][selector] = {
             "accuracy": ch.get("accuracy"), "n": ch.get("n"), "by_task": by_task,
             "unparseable": ch.get("unparseable"), "skipped": results["report"]["counts"]["skipped"],
-            "complete": results["complete"], f"evidence_recall": float(np.nanmean(recalls)) if recalls else None,
+            "complete": results["complete"], "evidence_recall": float(np.nanmean(recalls)) if recalls else None,
             "tokens_shown_mean": float(np.mean(shown)) if shown else None,
             "evaluated_this_run": stats.evaluated, "seconds_this_run": round(time.perf_counter() - t0, 2),
             "baselines": ch.get("baselines", {}),
