@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("sparsewsi.evaluation.score_cli", "score existing predictions (CSV output column / JSON lines) or merge a run"),
     "generate": ("sparsewsi.llm.generate_cli", "chat with a local Hugging Face Qwen2/Llama checkpoint (JAX decoder)"),
     "extract": ("sparsewsi.features.extract_cli", "slides -> TRIDENT-layout .h5 patch features (tissue, grid, encoder)"),
+    "convert-features": ("sparsewsi.features.convert_cli", "SlideChat/DSMIL CSV (or .pt) features -> .h5, once, for fast reading"),
     "demo": ("sparsewsi.demo_cli", "the main job end to end: synthetic slides -> features -> SparseLearn -> eval -> report"),
 }
 

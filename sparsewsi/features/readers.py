@@ -173,11 +173,14 @@ def _read_h5(path: pathlib.Path):
             if "coords" in f:
                 coords = f["coords"][()]
                 attrs.update({k: _plain(v) for k, v in f["coords"].attrs.items()})
+            locations = None
+            if "locations" in f:  # patch names kept by `sparsewsi convert-features` from CSVs
+                locations = np.asarray(f["locations"].asstr()[()], dtype=object)
     except FeatureFileError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise FeatureFileError(path, "unreadable", f"cannot be read as HDF5 ({type(e).__name__}: {e})") from e
-    return np.asarray(features), coords, None, attrs
+    return np.asarray(features), coords, locations, attrs
 
 
 def _read_pt(path: pathlib.Path):
