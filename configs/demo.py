@@ -65,7 +65,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     t.model = ml_collections.ConfigDict(dict(
         feature_dim=0,  # set from the extracted features
         k=32, candidate_cap=128, scorer_kind="mlp", scorer_hidden=64, scorer_depth=2, scorer_heads=4,
-        tau_start=2.0, tau_end=0.1, tau_steps=400, denoiser=True, projector_hidden=128, llm_seed=0, seed=0))
+        tau_start=2.0, tau_end=0.1, tau_steps=400, denoiser=True, projector_hidden=128, llm_seed=0, seed=0,
+        # The random-weight encoder's features share a large common part: standardise each feature
+        # across the bag, or every visual token looks the same to the scorer and the projector.
+        feature_norm="bag"))
     t.llm = ml_collections.ConfigDict(dict(path=None, tokenizer=None, dtype="float32", param_dtype="float32",
                                            tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                      max_position_embeddings=1024)))

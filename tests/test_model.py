@@ -170,3 +170,34 @@ def test_predictor_selectors_share_one_program(model, tok, batch):
         assert all(batch["feature_mask"][i, out.indices[i][out.valid[i]]].all() for i in range(3))
     out = pred.predict(batch["features"], batch["feature_mask"], qs, selector="all")
     assert out.indices.shape == (3, 16)
+
+
+def test_bag_feature_norm_keeps_tokens_apart_when_features_share_a_large_component():
+    """Random-weight encoders give patch features = big shared vector + tiny patch-specific part:
+    per-token standardisation leaves the visual tokens identical, bag standardisation does not."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sparsewsi.llm import build_tiny_tokenizer, tiny_config
+    from sparsewsi.model import SparseWSI, SparseWSIConfig, image_token_id
+
+    tok = build_tiny_tokenizer()
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(1, 1, 16)) * 10
+    feats = jnp.asarray(shared + 1e-4 * rng.normal(size=(2, 40, 16)), jnp.float32)
+    mask = jnp.ones((2, 40), bool).at[1, 30:].set(False)
+    base = SparseWSIConfig(feature_dim=16, llm=tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+                           image_token_id=image_token_id(tok), k=8, projector_hidden=32)
+    idx = jnp.tile(jnp.arange(8)[None], (2, 1))
+    spread = {}
+    for norm in ("token", "bag"):
+        model = SparseWSI(dataclasses.replace(base, feature_norm=norm))
+        vis = model.project_tokens(feats, idx, mask)
+        spread[norm] = float(jnp.std(vis, axis=1).mean() / jnp.std(vis))
+        x = model.input_features(feats, mask)
+        assert bool(jnp.all(x[1, 30:] == 0)) or norm == "token"
+    assert spread["token"] < 1e-2 < 0.3 < spread["bag"]
+    with np.testing.assert_raises(ValueError):
+        dataclasses.replace(base, feature_norm="layer")

@@ -34,7 +34,7 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def resolve(path: str | os.PathLike) -> tuple[pathlib.Path, list[int]]:
     """(workdir, candidate steps newest first) for a workdir or a ``checkpoints/<step>`` folder."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser().resolve()  # orbax needs absolute paths
     if (path / SPEC_FILE).is_file():
         ckpt = path / CHECKPOINT_DIR
         steps = sorted((int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True) \

@@ -26,6 +26,10 @@ class SparseWSIConfig:
         bag's score standard deviation, since scores are standardised per bag).
       denoiser: whether training uses the diagonal-attention denoiser after the noise gate.
       projector_hidden: hidden width of the projector MLP (0 -> the LLM hidden size).
+      feature_norm: how the patch features are normalised before the scorer and projector:
+        ``"token"`` (per-token standardisation over D only; fine for pretrained encoders such as
+        CONCH/UNI) or ``"bag"`` (first each feature standardised across the bag's valid tokens, for
+        features dominated by a component shared by every patch, e.g. random-weight encoders).
       llm_seed: seed of a randomly initialised LLM (used when no pretrained folder is given).
       seed: seed of the new modules (scorer, denoiser, projector).
     """
@@ -44,6 +48,7 @@ class SparseWSIConfig:
     tau_steps: int = 2000
     denoiser: bool = True
     projector_hidden: int = 0
+    feature_norm: str = "token"
     llm_seed: int = 0
     seed: int = 0
 
@@ -52,6 +57,8 @@ class SparseWSIConfig:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.feature_norm not in ("token", "bag"):
+            raise ValueError(f"feature_norm must be 'token' or 'bag', got {self.feature_norm!r}")
         if self.candidate_cap and self.candidate_cap < self.k:
             raise ValueError(f"candidate_cap {self.candidate_cap} must be 0 (off) or >= k={self.k}")
         if not 0 <= self.image_token_id < self.llm.vocab_size:

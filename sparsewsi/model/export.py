@@ -52,7 +52,7 @@ def selector_config(model: SparseWSI) -> dict:
     return {"feature_dim": c.feature_dim, "scorer_kind": c.scorer_kind, "scorer_hidden": c.scorer_hidden,
             "scorer_depth": c.scorer_depth, "scorer_heads": c.scorer_heads, "k": c.k,
             "projector_hidden": c.projector_hidden or c.llm.hidden_size, "llm_hidden_size": c.llm.hidden_size,
-            "image_token_id": c.image_token_id, "image_token": "<image>"}
+            "image_token_id": c.image_token_id, "image_token": "<image>", "feature_norm": c.feature_norm}
 
 
 def export(model: SparseWSI, out: str | os.PathLike, *, tokenizer=None, llm_source: str | None = None,

@@ -38,7 +38,7 @@ def infer(model: SparseWSI, features: Array, feature_mask: Array, input_ids: Arr
     if indices is None:
         sel = model.select(features, feature_mask, k)
         indices, valid = sel.indices, sel.valid
-    embeds, mask = model.prompt_embeddings(features, input_ids, attention_mask, indices, valid)
+    embeds, mask = model.prompt_embeddings(features, input_ids, attention_mask, indices, valid, feature_mask)
     tokens, lengths = generate_tokens(model.llm, embeds, mask, rng, sampling)
     return tokens, lengths, indices, valid
 
@@ -48,7 +48,7 @@ infer_jit = jax.jit(infer, static_argnames=("sampling", "k"))
 
 @jax.jit
 def _scores_jit(model: SparseWSI, features, feature_mask):
-    return model.scorer(features, feature_mask.astype(bool))
+    return model.scores(features, feature_mask.astype(bool))
 
 
 @dataclasses.dataclass

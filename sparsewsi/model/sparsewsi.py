@@ -19,7 +19,8 @@ Inference path (``select_and_project`` + generation, see ``sparsewsi.model.infer
     V   = Projector(standardize(X[idx]))           # no noise gate, no denoiser, no Soft Top-K
 
 Features are standardised per token in both paths (the noise gate needs unit-scale features; the
-projector must see the same scale at inference).
+projector must see the same scale at inference); with ``feature_norm="bag"`` each feature is first
+standardised across the bag (``input_features``), before the scorer and the projector alike.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sparsewsi.llm import CausalLM, create_model
 from sparsewsi.model.config import SparseWSIConfig
 from sparsewsi.selection import DiagonalDenoiser, Scorer, VPNoiseGate, cosine_temperature, gather_tokens, hard_topk
 from sparsewsi.selection import soft_topk
-from sparsewsi.selection.sparselearn import standardize_tokens
+from sparsewsi.selection.sparselearn import standardize_bag, standardize_tokens
 
 Array = jax.Array
 
@@ -134,8 +135,8 @@ class SparseWSI(nnx.Module):
           (loss, aux) with aux: ``tau``, ``answer_tokens`` and soft-mask statistics.
         """
         c = self.config
-        x = batch["features"]
         mask = batch["feature_mask"].astype(bool)
+        x = self.input_features(batch["features"], mask)
         scores = self.scorer(x, mask)
         if c.candidate_cap and c.candidate_cap < x.shape[1]:
             cand = hard_topk(jax.lax.stop_gradient(scores), c.candidate_cap, mask)
@@ -163,21 +164,37 @@ class SparseWSI(nnx.Module):
         }
         return loss, aux
 
+    # ------------------------------------------------------------------------------------- shared
+    def input_features(self, features: Array, feature_mask: Array | None = None) -> Array:
+        """The features the scorer and projector see: [B, N, D] -> [B, N, D] (``config.feature_norm``).
+
+        ``"bag"`` uses statistics of the whole bag, so training (all tokens) and inference (k gathered
+        tokens) normalise alike.
+        """
+        if self.config.feature_norm == "bag":
+            return standardize_bag(features, feature_mask)
+        return features
+
+    def scores(self, features: Array, feature_mask: Array) -> Array:
+        """The scorer's standardised scores [B, N] of a bag."""
+        mask = feature_mask.astype(bool)
+        return self.scorer(self.input_features(features, mask), mask)
+
     # ---------------------------------------------------------------------------------- inference
     def select(self, features: Array, feature_mask: Array, k: int | None = None):
         """Hard Top-K by the scorer: ``TopK(indices [B, k], valid [B, k])`` in slide order."""
         mask = feature_mask.astype(bool)
-        return hard_topk(self.scorer(features, mask), k or self.config.k, mask)
+        return hard_topk(self.scores(features, mask), k or self.config.k, mask)
 
-    def project_tokens(self, features: Array, indices: Array) -> Array:
-        """Gather + standardise + project: features [B, N, D], indices [B, M] -> [B, M, H] (LLM dtype)."""
-        x = standardize_tokens(gather_tokens(features, indices))
+    def project_tokens(self, features: Array, indices: Array, feature_mask: Array | None = None) -> Array:
+        """Normalise + gather + standardise + project: features [B, N, D], indices [B, M] -> [B, M, H] (LLM dtype)."""
+        x = standardize_tokens(gather_tokens(self.input_features(features, feature_mask), indices))
         return self.projector(x).astype(self.config.llm.jnp_dtype)
 
     def prompt_embeddings(self, features: Array, input_ids: Array, attention_mask: Array, indices: Array,
-                          valid: Array) -> tuple[Array, Array]:
+                          valid: Array, feature_mask: Array | None = None) -> tuple[Array, Array]:
         """The LLM input for a prompt with the selected tokens spliced in: (embeds [B, T-1+M, H], mask)."""
-        visual = self.project_tokens(features, indices)
+        visual = self.project_tokens(features, indices, feature_mask)
         embeds, mask, _ = splice(self.llm.embed_tokens(input_ids), input_ids, attention_mask,
                                  self.config.image_token_id, visual, valid)
         return embeds, mask

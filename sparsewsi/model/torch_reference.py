@@ -113,6 +113,15 @@ def standardize_tokens(x, eps: float = 1e-6):
     return (x - mean) * torch.rsqrt(var + eps)
 
 
+def standardize_bag(x, mask, eps: float = 1e-6):
+    """Per-feature standardisation over each bag's valid tokens (``feature_norm == "bag"``)."""
+    m = mask.to(x.dtype)[..., None]
+    n = m.sum(-2, keepdim=True).clamp_min(1.0)
+    mean = (x * m).sum(-2, keepdim=True) / n
+    var = ((x - mean) ** 2 * m).sum(-2, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
 def hard_topk(scores, k: int, mask):
     """indices [B, k] of the k best valid tokens in slide order (valid picks first), valid [B, k]."""
     n = scores.shape[-1]
@@ -156,6 +165,8 @@ class SparseWSISelector(nn.Module):
             mask = torch.ones(features.shape[:2], dtype=torch.bool)
         mask = torch.as_tensor(mask, dtype=torch.bool)
         k = k or self.config["k"]
+        if self.config.get("feature_norm", "token") == "bag":
+            features = standardize_bag(features, mask)
         idx, valid = hard_topk(self.scorer(features, mask), k, mask)
         picked = torch.gather(features, 1, idx[..., None].expand(-1, -1, features.shape[-1]))
         return self.projector(standardize_tokens(picked)), idx, valid

@@ -44,6 +44,23 @@ def standardize_tokens(x: Array, eps: float = 1e-6) -> Array:
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def standardize_bag(x: Array, mask: Array | None = None, eps: float = 1e-6) -> Array:
+    """Per-feature standardisation over a bag's valid tokens: x [..., N, D], mask [..., N] -> [..., N, D].
+
+    Each feature column gets zero mean and unit variance across the bag (padding -> 0). Use it for
+    encoders whose patch features share a large common component (e.g. a random-weight ViT whose
+    CLS output barely depends on the patch): per-token standardisation would keep them identical.
+    """
+    xf = x.astype(jnp.float32)
+    if mask is None:
+        mask = jnp.ones(x.shape[:-1], bool)
+    m = mask.astype(jnp.float32)[..., None]
+    n = jnp.maximum(jnp.sum(m, -2, keepdims=True), 1.0)
+    mean = jnp.sum(xf * m, -2, keepdims=True) / n
+    var = jnp.sum(jnp.square(xf - mean) * m, -2, keepdims=True) / n
+    return (((xf - mean) * jax.lax.rsqrt(var + eps)) * m).astype(x.dtype)
+
+
 class VPNoiseGate(nnx.Module):
     """Replaces dropped tokens by isotropic noise while preserving feature variance.
 
