@@ -16,17 +16,11 @@ the pictures. Every field can be overridden on the command line as ``--config.<f
 
 import ml_collections
 
-
-def _parse(arg: str) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if value else "1"
-    return out
+from sparsewsi.config_args import parse_arg
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = _parse(arg)
+    a = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_slides = 120
