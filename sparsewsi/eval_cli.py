@@ -6,6 +6,9 @@ Examples::
     sparsewsi eval --data SlideBench-VQA-BCNB.csv --features feats/ --checkpoint runs/stage2 \\
         --selector learned --k 32 --out runs/eval-bcnb-learned
 
+    # an exported model (`sparsewsi export`: Hugging Face LLM folder + selector) works the same way
+    sparsewsi eval --data SlideBench-VQA-BCNB.csv --features feats/ --checkpoint exports/stage2 --out runs/eval-exp
+
     # the same budget with a sampling baseline
     sparsewsi eval ... --selector uniform --out runs/eval-bcnb-uniform
 
@@ -32,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", required=True, help="folder of per-slide feature files (.h5 / .csv / .pt)")
     parser.add_argument("--out", required=True, help="run folder (created; rerun to resume)")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="trained model: a trainer workdir or <workdir>/checkpoints/<step>")
+    model.add_argument("--checkpoint", help="trained model: a trainer workdir, <workdir>/checkpoints/<step>, or a `sparsewsi export` folder")
     model.add_argument("--tiny", action="store_true",
                        help="a random tiny LLM + projector (pipeline dry runs and benchmarks; answers are noise)")
     parser.add_argument("--selector", default="learned", choices=SELECTOR_CHOICES,

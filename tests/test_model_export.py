@@ -86,3 +86,35 @@ def test_export_command_on_a_workdir(tmp_path):
     assert meta["k"] == 4 and meta["image_token_id"] == cfg.image_token_id
     assert cli_main(["export", "--checkpoint", str(work), "--out", str(tmp_path / "exp")]) == 1  # no overwrite
     assert cli_main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 1  # not a workdir
+
+
+def test_export_folder_loads_back_for_evaluation(tmp_path):
+    """``load_checkpoint(<export folder>)`` (what ``sparsewsi eval --checkpoint`` calls) rebuilds the
+    model: same scores, selection and visual tokens, and LLM logits equal to the LoRA model's."""
+    from sparsewsi.model import load_checkpoint
+
+    tok = build_tiny_tokenizer()
+    cfg = SparseWSIConfig(feature_dim=20, llm=tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+                          image_token_id=image_token_id(tok), k=6, scorer_hidden=16, projector_hidden=24,
+                          feature_norm="bag")
+    model = SparseWSI(cfg, apply_lora(create_model(cfg.llm), LoRAConfig(rank=4, alpha=8.0)))
+    _randomise(model)
+    out = export(model, tmp_path / "exp", tokenizer=tok)
+    loaded, tok2, spec = load_checkpoint(out)
+    assert spec.model.feature_norm == "bag" and tok2 is not None and loaded.denoiser is None
+
+    rng = np.random.default_rng(0)
+    feats = jnp.asarray(rng.normal(size=(2, 30, 20)), jnp.float32)
+    mask = jnp.ones((2, 30), bool).at[1, 20:].set(False)
+    np.testing.assert_allclose(np.asarray(loaded.scores(feats, mask)), np.asarray(model.scores(feats, mask)), atol=1e-5)
+    sel = model.select(feats, mask)
+    np.testing.assert_array_equal(np.asarray(loaded.select(feats, mask).indices), np.asarray(sel.indices))
+    ids = jnp.asarray([[1, 5, cfg.image_token_id, 9, 17]])
+    ids = jnp.tile(ids, (2, 1))
+    am = jnp.ones_like(ids)
+    e1, m1 = model.prompt_embeddings(feats, ids, am, sel.indices, sel.valid, mask)
+    e2, m2 = loaded.prompt_embeddings(feats, ids, am, sel.indices, sel.valid, mask)
+    np.testing.assert_allclose(np.asarray(e1), np.asarray(e2), atol=1e-5)
+    h1, _ = model.llm.model(e1, m1)
+    h2, _ = loaded.llm.model(e2, m2)
+    np.testing.assert_allclose(np.asarray(loaded.llm.logits(h2)), np.asarray(model.llm.logits(h1)), atol=2e-5)

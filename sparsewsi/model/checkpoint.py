@@ -14,6 +14,7 @@ Only trained parameters are stored; the frozen LLM comes back from its source (`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -63,16 +64,60 @@ def restore_params(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in restored.state["params"].items()}
 
 
+def load_export(folder: str | os.PathLike, *, mesh=None, with_tokenizer: bool = True):
+    """Rebuild an inference model from a ``sparsewsi export`` folder (HF LLM + selector).
+
+    The LLM comes from ``<folder>/llm`` (LoRA already merged), the scorer and projector from
+    ``selector.safetensors`` (PyTorch layout, transposed back). Training-only pieces are left out.
+    Returns (model, tokenizer or None, spec), like ``load_checkpoint``.
+    """
+    from safetensors.numpy import load_file
+
+    from sparsewsi.model.build import llm_config_from
+    from sparsewsi.model.config import SparseWSIConfig
+    from sparsewsi.model.export import torch_name
+    from sparsewsi.model.params import flat_params
+
+    folder = pathlib.Path(folder).expanduser().resolve()
+    sel = json.loads((folder / "selector.json").read_text())
+    llm_dir = folder / "llm"
+    llm_cfg = llm_config_from(str(llm_dir), dtype="float32", param_dtype="float32")
+    config = SparseWSIConfig(
+        feature_dim=sel["feature_dim"], llm=llm_cfg, image_token_id=sel["image_token_id"], k=sel["k"],
+        scorer_kind=sel["scorer_kind"], scorer_hidden=sel["scorer_hidden"], scorer_depth=sel["scorer_depth"],
+        scorer_heads=sel["scorer_heads"], projector_hidden=sel["projector_hidden"],
+        feature_norm=sel.get("feature_norm", "token"), denoiser=False)
+    spec = ModelSpec(model=config, llm_path=str(llm_dir), tokenizer=str(llm_dir))
+    model = build_model(spec, mesh=mesh)
+    tensors = load_file(str(folder / "selector.safetensors"))
+    params, missing = {}, []
+    for name, value in flat_params(model).items():
+        if not name.startswith(("scorer.", "projector.")):
+            continue
+        tname, transpose = torch_name(name)
+        if tname not in tensors:
+            missing.append(tname)
+            continue
+        params[name] = tensors[tname].T if transpose else tensors[tname]
+    if missing:
+        raise CheckpointNotFoundError(f"{folder / 'selector.safetensors'}: missing tensors {missing[:8]}")
+    assign_params(model, params)
+    return model, (load_tokenizer(spec) if with_tokenizer else None), spec
+
+
 def load_checkpoint(path: str | os.PathLike, *, mesh=None, with_tokenizer: bool = True):
     """Rebuild the model of a trainer workdir and restore its newest readable checkpoint.
 
     Args:
-      path: a workdir (newest valid step; a corrupt newest one falls back to the previous) or a
-        ``<workdir>/checkpoints/<step>`` folder (exactly that step).
+      path: a workdir (newest valid step; a corrupt newest one falls back to the previous), a
+        ``<workdir>/checkpoints/<step>`` folder (exactly that step), or a ``sparsewsi export``
+        folder (``selector.json`` + ``llm/``: see ``load_export``).
       mesh: shard the model over this mesh.
     Returns:
       (model, tokenizer or None, spec).
     """
+    if (pathlib.Path(path) / "selector.json").is_file():
+        return load_export(path, mesh=mesh, with_tokenizer=with_tokenizer)
     workdir, steps = resolve(path)
     spec = read_spec(workdir)
     if not steps:
