@@ -11,7 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at test time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The corrupt-checkpoint test makes orbax read tasks fail on purpose (the loader then falls back to
+# the previous step); asyncio would print those expected failures at interpreter exit.
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("SPARSEWSI_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
