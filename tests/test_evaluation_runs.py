@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import h5py
-import jax
 import numpy as np
 import pytest
 

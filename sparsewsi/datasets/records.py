@@ -217,3 +217,23 @@ class InstructionRecord:
     slide_id: str
     image_file: str
     turns: tuple[tuple[str, str], ...]
+
+
+def load_json_list(path: os.PathLike | str, what: str) -> list:
+    """The top-level JSON list of a dataset file; DatasetFileError naming the file otherwise.
+
+    ``what`` names the items for the message (e.g. ``"questions"``).
+    """
+    import json
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DatasetFileError(path, "does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetFileError(path, f"is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(data, list):
+        raise DatasetFileError(path, f"holds a JSON {type(data).__name__}, expected a list of {what}")
+    return data
+

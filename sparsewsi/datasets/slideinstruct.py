@@ -7,11 +7,10 @@ captions (~4.2k slides), stage 2 VQA (~176k pairs); both share this layout.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
-from sparsewsi.datasets.records import DatasetFileError, InstructionRecord, ParsedFile, RowProblem, sha256_file
+from sparsewsi.datasets.records import InstructionRecord, ParsedFile, RowProblem, load_json_list, sha256_file
 from sparsewsi.features.readers import slide_id_from_path
 
 IMAGE_TOKEN = "<image>"
@@ -40,14 +39,7 @@ def read_slide_instruction(path: os.PathLike | str, *, stage: int = 2, dataset: 
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     path = pathlib.Path(path)
     dataset = dataset or f"SlideInstruction-stage{stage}"
-    if not path.is_file():
-        raise DatasetFileError(path, "does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetFileError(path, f"is not valid UTF-8 JSON ({e})") from e
-    if not isinstance(data, list):
-        raise DatasetFileError(path, f"holds a JSON {type(data).__name__}, expected a list of conversations")
+    data = load_json_list(path, "conversations")
     records: list[InstructionRecord] = []
     problems: list[RowProblem] = []
     counts = {"no_image_placeholder": 0}

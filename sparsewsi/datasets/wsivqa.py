@@ -7,11 +7,10 @@ options (e.g. ``"grade 3."`` for ``"grade 3"``, or ``"the correct option is c(gr
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
-from sparsewsi.datasets.records import DatasetFileError, ParsedFile, RowProblem, WsiVqaRecord, sha256_file
+from sparsewsi.datasets.records import ParsedFile, RowProblem, WsiVqaRecord, load_json_list, sha256_file
 
 LAYOUT_WSIVQA = "wsi-vqa-json"
 
@@ -43,14 +42,7 @@ def read_wsi_vqa(path: os.PathLike | str, *, dataset: str = "WSI-VQA") -> Parsed
     ``answer_unmatched`` (``answer_index`` is ``None``).
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DatasetFileError(path, "does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetFileError(path, f"is not valid UTF-8 JSON ({e})") from e
-    if not isinstance(data, list):
-        raise DatasetFileError(path, f"holds a JSON {type(data).__name__}, expected a list of questions")
+    data = load_json_list(path, "questions")
     records: list[WsiVqaRecord] = []
     problems: list[RowProblem] = []
     counts = dict(closed=0, open=0, answer_not_among_choices=0, answer_matched_after_normalization=0, answer_unmatched=0)
