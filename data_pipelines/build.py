@@ -13,32 +13,18 @@ report (every skipped row with its row number, id and reason) is written atomica
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import BUILDERS
+from sparsewsi.atomic import write_json_atomic
 from data_pipelines import synthetic as _synthetic  # noqa: F401,E402  (registers synthetic_slidebench)
-
-
-def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build(

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsewsi import atomic
+
 STAGES = ("slides", "extract", "annotate", "dataset", "train", "eval", "report")
 STAGES_FILE = "stages.json"
 CONFIG_FILE = "demo_config.json"
@@ -96,20 +98,8 @@ class Paths:
         return self.root / "report"
 
 
-def write_text_atomic(path: os.PathLike | str, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder + rename."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
+    atomic.write_json_atomic(path, obj, sort_keys=True, default=_json_default)
 
 
 def _json_default(o):
@@ -550,14 +540,11 @@ SELECTOR_NOTES = {
 def _savefig(fig, path: pathlib.Path, dpi: int = 100) -> None:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def ordered_selectors(config, eval_info: dict[str, Any]) -> list[str]:
@@ -897,7 +884,7 @@ def stage_report(config, paths: Paths, stages: dict[str, Any], command: str, log
                "stages": {s: {kk: v for kk, v in r.items() if kk != "info"} for s, r in stages.items()}}
     write_json_atomic(rep / "results.json", results)
     # The report stage's own time is not known until it ends: the summary lists the stages before it.
-    write_text_atomic(rep / "summary.md", summary_markdown(config, paths, stages, eval_info, pictures, command))
+    atomic.write_text_atomic(rep / "summary.md", summary_markdown(config, paths, stages, eval_info, pictures, command))
     log(f"report: {rep / 'summary.md'}")
     return {"files": sorted(os.fspath(p.relative_to(rep)) for p in rep.rglob("*") if p.is_file())}
 

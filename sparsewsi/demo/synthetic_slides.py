@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsewsi import atomic
+
 from sparsewsi.demo import render
 from sparsewsi.demo.render import DISTRACTOR_KINDS, EVIDENCE_KINDS, KIND_NAMES
 
@@ -476,19 +478,9 @@ def slide_questions(plan: SlidePlan, cfg: BenchmarkConfig) -> list[dict[str, str
 # Files
 # --------------------------------------------------------------------------------------------
 
-def _atomic_bytes(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
     """JSON to a temporary file in the same folder, then renamed into place."""
-    _atomic_bytes(pathlib.Path(path), (json.dumps(obj, indent=1) + "\n").encode())
+    atomic.write_json_atomic(path, obj)
 
 
 def write_csv_atomic(path: os.PathLike | str, rows: Sequence[dict[str, str]], columns: Sequence[str] = CSV_COLUMNS) -> None:
@@ -497,7 +489,7 @@ def write_csv_atomic(path: os.PathLike | str, rows: Sequence[dict[str, str]], co
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_bytes(pathlib.Path(path), buf.getvalue().encode("utf-8"))
+    atomic.write_text_atomic(path, buf.getvalue())
 
 
 def _sha256(path: pathlib.Path) -> str:

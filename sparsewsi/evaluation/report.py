@@ -12,6 +12,7 @@ import os
 import pathlib
 from typing import Any
 
+from sparsewsi.atomic import atomic_path
 from sparsewsi.evaluation.runner import MANIFEST, RunError, collect, read_jsonl, shard_files, write_atomic
 from sparsewsi.evaluation.items import EvalSet
 from sparsewsi.evaluation.scoring import score_predictions
@@ -124,10 +125,11 @@ def bar_chart(results: dict[str, Any], path: os.PathLike | str) -> None:
                  f"\ndata sha256 {str(meta.get('data_sha256'))[:16]}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = pathlib.Path(path).with_name(f".{pathlib.Path(path).name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def merge_run(run_dir: os.PathLike | str, eval_set: EvalSet, *, write: bool = True) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsewsi.atomic import write_bytes_atomic
 from sparsewsi.datasets import FeatureIndex
 from sparsewsi.evaluation.items import EvalItem, EvalSet
 from sparsewsi.evaluation.predictor import PreparedQuestion
@@ -55,14 +56,8 @@ class SkipItem(Exception):
 
 
 def write_atomic(path: os.PathLike | str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + rename (never half-written)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically and fsync it (results must survive a preemption)."""
+    write_bytes_atomic(path, data, fsync=True)
 
 
 def shard_items(items: Sequence[EvalItem], shard: int, num_shards: int) -> list[EvalItem]:

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
+from sparsewsi.atomic import atomic_path
 from sparsewsi.features.readers import FEATURE_SUFFIXES, FeatureFileError, read_feature_bag
 
 
@@ -57,10 +58,7 @@ def write_bag_h5(path: os.PathLike | str, bag, extra_attrs: dict | None = None) 
     """Writes a FeatureBag atomically (temporary file in the same folder, then rename)."""
     import h5py
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", data=bag.features.astype(np.float32))
             if bag.coords is not None:
@@ -73,10 +71,6 @@ def write_bag_h5(path: os.PathLike | str, bag, extra_attrs: dict | None = None) 
                                  dtype=h5py.string_dtype())
             for k, v in (extra_attrs or {}).items():
                 feats.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def convert_feature_file(src: os.PathLike | str, out: os.PathLike | str, *, csv_feature_columns: int = 512,

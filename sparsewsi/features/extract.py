@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from sparsewsi.atomic import atomic_path, write_json_atomic
 from sparsewsi.slides.grid import patch_grid
 from sparsewsi.slides.tiles import iter_batches
 from sparsewsi.slides.tissue import TissueParams, detect_tissue, save_thumbnail
@@ -179,19 +180,12 @@ def write_features_h5(path: str, features: np.ndarray, coords: np.ndarray, attrs
     """Write the TRIDENT layout atomically: a temporary file in the same folder, then rename."""
     import h5py
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=np.asarray(features, np.float32))
-            ds = f.create_dataset("coords", data=np.asarray(coords, np.int64))
-            for k, v in attrs.items():
-                ds.attrs[k] = v
-            f["features"].attrs["encoder"] = attrs.get("encoder", "")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        ds = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+        f["features"].attrs["encoder"] = attrs.get("encoder", "")
 
 
 def extract_slide(path: str, out_dir: str, encoder: DeviceEncoder, cfg: ExtractConfig, *,
@@ -332,8 +326,5 @@ def summarize(results: Sequence[SlideResult]) -> str:
 def write_summary(out_dir: str, results: Sequence[SlideResult], process_index: int = 0) -> str:
     """``extract_summary.process<i>.json`` (atomic); returns its path."""
     path = os.path.join(out_dir, f"extract_summary.process{process_index}.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, [dataclasses.asdict(r) for r in results])
     return path

@@ -19,6 +19,8 @@ import dataclasses
 import os
 
 import numpy as np
+
+from sparsewsi.atomic import atomic_path
 from scipy import ndimage
 
 from sparsewsi.slides.wsi import Slide, SlideError
@@ -188,7 +190,5 @@ def save_thumbnail(path: str | os.PathLike, tissue: TissueMask, coords: np.ndarr
         s = patch_size_level0 * f
         for x, y in np.asarray(coords):
             draw.rectangle([x * f, y * f, x * f + s, y * f + s], outline=(30, 60, 220))
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")

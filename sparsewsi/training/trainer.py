@@ -21,6 +21,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from sparsewsi.atomic import write_text_atomic
 from sparsewsi.model import ModelSpec, ParamSplit, SparseWSIConfig, build_model, check_batch, image_token_id
 from sparsewsi.model import llm_config_from, param_shardings
 from sparsewsi.model.build import TINY_TOKENIZER, open_tokenizer
@@ -56,12 +57,6 @@ def spec_from_config(config) -> ModelSpec:
                      lora_targets=lora.get("targets") or ModelSpec.lora_targets)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _host(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -87,8 +82,8 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
     if is_main:
         if (workdir / SPEC_FILE).is_file() and ModelSpec.from_json((workdir / SPEC_FILE).read_text()) != spec:
             raise ValueError(f"{workdir / SPEC_FILE} describes a different model; use a fresh workdir")
-        _write_atomic(workdir / SPEC_FILE, spec.to_json())
-        _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True)
+        write_text_atomic(workdir / SPEC_FILE, spec.to_json())
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=1, sort_keys=True)
                       if hasattr(config, "to_json_best_effort") else json.dumps(dict(config), default=str))
     log.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
