@@ -9,7 +9,8 @@ Covered structures (random weights here; real weights are imported from PyTorch 
   token (CLS included) attended by a 1-query attentional pooler (width 512, 8 heads, key/value
   width 768), then ``ln_contrast``. The 512-d feature is taken before ``proj_contrast`` (what
   SlideChat uses); ``project=True`` applies the contrastive projection as well.
-* ``"tiny"`` / ``"tiny-conch"``: the same structures at width 48, depth 2, for tests and demos.
+* ``"tiny"`` / ``"tiny-conch"``: the same structures at width 48, depth 2, for tests and demos;
+  ``"tiny-112"``: the tiny ViT at 112 px without LayerScale (the demo's encoder).
 
 Faithfulness notes (why the code looks the way it does): timm LayerNorm eps is 1e-6 in the ViT and
 1e-5 in open_clip's pooler norms; GELU is exact (Flax's default ``nnx.gelu`` is the tanh
@@ -82,6 +83,10 @@ PRESETS: dict[str, EncoderConfig] = {
     "conch": EncoderConfig("conch", image_size=448, width=768, depth=12, heads=12, pool="attn",
                            pool_dim=512, pool_heads=8, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
     "tiny": EncoderConfig("tiny", image_size=224, width=48, depth=2, heads=3, layer_scale=1e-5),
+    # The demo's encoder: the tiny structure at 112 px input (no 2x upsampling of 112 px patches:
+    # 49 tokens instead of 196, ~5x faster) and without LayerScale, whose 1e-5 init leaves a
+    # random-weight CLS output nearly constant across patches.
+    "tiny-112": EncoderConfig("tiny-112", image_size=112, width=48, depth=2, heads=3),
     "tiny-conch": EncoderConfig("tiny-conch", image_size=224, width=48, depth=2, heads=3, pool="attn",
                                 pool_dim=32, pool_heads=4, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
 }
