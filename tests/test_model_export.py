@@ -24,7 +24,8 @@ def _randomise(model, seed=0):
         var[...] = var[...] + jnp.asarray(0.05 * rng.normal(size=var[...].shape), var[...].dtype)
 
 
-@pytest.mark.parametrize("kind,feature_norm", [("mlp", "token"), ("transformer", "token"), ("mlp", "bag")])
+@pytest.mark.parametrize("kind,feature_norm", [("mlp", "token"), ("transformer", "token"), ("mlp", "bag"),
+                                               ("mlp", "bag_robust")])
 def test_torch_reference_matches_flax(tmp_path, kind, feature_norm):
     tok = build_tiny_tokenizer()
     cfg = SparseWSIConfig(feature_dim=24, llm=tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1),

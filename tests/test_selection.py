@@ -296,6 +296,51 @@ def test_diagonal_denoiser_leaks_nothing_between_tokens():
     np.testing.assert_allclose(np.asarray(base), np.asarray(explicit), atol=1e-5)
 
 
+def test_diagonal_denoiser_noise_level_keeps_clean_tokens_unchanged():
+    """Residuals scaled by the noise level: alpha = 1 (as every selected token at inference) -> identity."""
+    model = DiagonalDenoiser(16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+    alpha = jnp.concatenate([jnp.ones((2, 4)), jnp.full((2, 4), 0.5), jnp.zeros((2, 4))], axis=1)
+    out = model(x, 1.0 - alpha)
+    np.testing.assert_array_equal(np.asarray(out[:, :4]), np.asarray(x[:, :4]))
+    np.testing.assert_allclose(np.asarray(out[:, 8:]), np.asarray(model(x)[:, 8:]), atol=1e-6)  # pure noise: full block
+    half = x[:, 4:8] + 0.5 * model.out(model.value(model.ln1(x[:, 4:8])))
+    half = half + 0.5 * model.fc2(jax.nn.gelu(model.fc1(model.ln2(half)), approximate=False))
+    np.testing.assert_allclose(np.asarray(out[:, 4:8]), np.asarray(half), atol=1e-5)
+    grads = jax.grad(lambda m: jnp.sum(m(x, 1.0 - alpha)[:, 4:] ** 2))(model)
+    assert float(jnp.abs(grads.fc2.kernel[...]).sum()) > 0  # noisy tokens still train it
+
+
+def test_standardize_bag_robust_matches_numpy_and_ignores_outliers():
+    from sparsewsi.selection.sparselearn import standardize_bag, standardize_bag_robust
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 41, 8)).astype(np.float32) * 3 + 5
+    mask = np.ones((3, 41), bool)
+    mask[1, 30:] = False  # even count
+    mask[2, 1:] = False   # a single token: centred to 0
+    got = np.asarray(standardize_bag_robust(jnp.asarray(x), jnp.asarray(mask)))
+    for b in range(3):
+        v = x[b][mask[b]].astype(np.float64)
+        med = np.median(v, 0)
+        mad = np.median(np.abs(v - med), 0)
+        np.testing.assert_allclose(got[b][mask[b]], (v - med) / (1.4826 * mad + 1e-6), rtol=1e-5, atol=1e-5)
+        assert np.all(got[b][~mask[b]] == 0)
+    # A 32-token crop holding 3 strong outliers ("evidence") of a 400-token bag: robust statistics
+    # place the outliers where the whole bag does; mean / std shrink them.
+    bag = rng.normal(size=(1, 400, 8)).astype(np.float32)
+    bag[0, :3] += 8.0
+    crop = np.concatenate([bag[:, :3], bag[:, 3 + rng.choice(397, 29, replace=False)]], axis=1)
+    for fn, tol in ((standardize_bag_robust, 1.5), (standardize_bag, None)):
+        whole = np.asarray(fn(jnp.asarray(bag)))[0, :3]
+        part = np.asarray(fn(jnp.asarray(crop)))[0, :3]
+        gap = np.abs(whole - part).mean()
+        if tol is not None:
+            assert gap < tol, gap
+        else:
+            assert gap > 3.0, gap  # the non-robust version moves them a lot
+
+
 def test_vp_noise_gate_limits_and_variance():
     key = jax.random.key(0)
     x = jax.random.normal(jax.random.key(1), (4, 2048, 64))

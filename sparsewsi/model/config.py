@@ -9,6 +9,9 @@ from typing import Any
 from sparsewsi.llm import LLMConfig
 
 
+FEATURE_NORMS = ("token", "bag", "bag_robust")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseWSIConfig:
     """Scorer -> (Soft Top-K + VP noise gate + denoiser | Hard Top-K) -> projector -> LLM.
@@ -57,8 +60,8 @@ class SparseWSIConfig:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.feature_norm not in ("token", "bag"):
-            raise ValueError(f"feature_norm must be 'token' or 'bag', got {self.feature_norm!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         if self.candidate_cap and self.candidate_cap < self.k:
             raise ValueError(f"candidate_cap {self.candidate_cap} must be 0 (off) or >= k={self.k}")
         if not 0 <= self.image_token_id < self.llm.vocab_size:

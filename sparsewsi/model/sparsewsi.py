@@ -9,7 +9,7 @@ Training path (``training_loss``)::
     (cap) keep the top-M tokens by s (no gradient through the choice), slide order
     alpha = soft_topk(s, k, tau(step), mask)       # [B, M], sum = k
     X~    = VPNoiseGate(X, alpha, key(step))       # per-token standardised, dropped tokens -> noise
-    X^    = DiagonalDenoiser(X~)
+    X^    = DiagonalDenoiser(X~, 1 - alpha)          # residual scaled by the noise level
     V     = Projector(X^)                          # [B, M, H]
     loss  = CE(LLM(splice(text, V)), answer tokens)
 
@@ -34,7 +34,7 @@ from sparsewsi.llm import CausalLM, create_model
 from sparsewsi.model.config import SparseWSIConfig
 from sparsewsi.selection import DiagonalDenoiser, Scorer, VPNoiseGate, cosine_temperature, gather_tokens, hard_topk
 from sparsewsi.selection import soft_topk
-from sparsewsi.selection.sparselearn import standardize_bag, standardize_tokens
+from sparsewsi.selection.sparselearn import standardize_bag, standardize_bag_robust, standardize_tokens
 
 Array = jax.Array
 
@@ -138,16 +138,16 @@ class SparseWSI(nnx.Module):
         mask = batch["feature_mask"].astype(bool)
         x = self.input_features(batch["features"], mask)
         scores = self.scorer(x, mask)
+        tau = self.temperature(step)
         if c.candidate_cap and c.candidate_cap < x.shape[1]:
             cand = hard_topk(jax.lax.stop_gradient(scores), c.candidate_cap, mask)
             x = gather_tokens(x, cand.indices)
             scores = jnp.take_along_axis(scores, cand.indices, axis=1)
             mask = cand.valid
-        tau = self.temperature(step)
         alpha = soft_topk(scores, min(c.k, x.shape[1]), tau, mask)
         h = self.noise_gate(x, alpha, key)
         if self.denoiser is not None:
-            h = self.denoiser(h)
+            h = self.denoiser(h, 1.0 - alpha)  # clean tokens pass unchanged, as at inference
         visual = self.projector(h)
         embeds, attn, out_pos = splice(self.llm.embed_tokens(batch["input_ids"]), batch["input_ids"],
                                        batch["attention_mask"], c.image_token_id, visual, mask)
@@ -173,6 +173,8 @@ class SparseWSI(nnx.Module):
         """
         if self.config.feature_norm == "bag":
             return standardize_bag(features, feature_mask)
+        if self.config.feature_norm == "bag_robust":
+            return standardize_bag_robust(features, feature_mask)
         return features
 
     def scores(self, features: Array, feature_mask: Array) -> Array:

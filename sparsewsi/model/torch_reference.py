@@ -122,6 +122,24 @@ def standardize_bag(x, mask, eps: float = 1e-6):
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
+def _masked_median(x, mask):
+    """Median over dim -2 of the valid rows (mean of the two middle values): [B, N, D] -> [B, 1, D]."""
+    big = torch.finfo(x.dtype).max
+    xs = torch.sort(torch.where(mask[..., None], x, torch.full((), big, dtype=x.dtype)), dim=-2).values
+    n = mask.sum(-1).to(torch.int64)[:, None, None]
+    lo = (n - 1).clamp_min(0).div(2, rounding_mode="floor").expand(-1, 1, x.shape[-1])
+    hi = n.div(2, rounding_mode="floor").expand(-1, 1, x.shape[-1])
+    med = 0.5 * (torch.gather(xs, -2, lo) + torch.gather(xs, -2, hi))
+    return torch.where(n > 0, med, torch.zeros((), dtype=x.dtype))
+
+
+def standardize_bag_robust(x, mask, eps: float = 1e-6):
+    """Per-feature (x - median) / (1.4826 * MAD) over each bag's valid tokens (``feature_norm == "bag_robust"``)."""
+    med = _masked_median(x, mask)
+    mad = _masked_median((x - med).abs(), mask)
+    return torch.where(mask[..., None], (x - med) / (1.4826 * mad + eps), torch.zeros((), dtype=x.dtype))
+
+
 def hard_topk(scores, k: int, mask):
     """indices [B, k] of the k best valid tokens in slide order (valid picks first), valid [B, k]."""
     n = scores.shape[-1]
@@ -165,8 +183,13 @@ class SparseWSISelector(nn.Module):
             mask = torch.ones(features.shape[:2], dtype=torch.bool)
         mask = torch.as_tensor(mask, dtype=torch.bool)
         k = k or self.config["k"]
-        if self.config.get("feature_norm", "token") == "bag":
+        norm = self.config.get("feature_norm", "token")
+        if norm == "bag":
             features = standardize_bag(features, mask)
+        elif norm == "bag_robust":
+            features = standardize_bag_robust(features, mask)
+        elif norm != "token":
+            raise ValueError(f"selector.json: unknown feature_norm {norm!r}")
         idx, valid = hard_topk(self.scorer(features, mask), k, mask)
         picked = torch.gather(features, 1, idx[..., None].expand(-1, -1, features.shape[-1]))
         return self.projector(standardize_tokens(picked)), idx, valid
