@@ -234,3 +234,33 @@ def test_configs_build_a_model_spec_and_document_their_launch(name, arg):
         assert not any(n.startswith("llm.") for n in trained)  # stage 1: LLM frozen
     with pytest.raises(KeyError, match="no field"):
         apply_overrides(cfg, ["optim.lrr=1"])
+
+
+@pytest.mark.parametrize("init_llm", [False, True])
+def test_init_from_an_earlier_stage(tmp_path, examples, init_llm):
+    """Stage 2 starts from stage 1's new modules; with ``init_llm`` from its trained LLM too."""
+    cfg1 = tiny_config(3)
+    cfg1.lora.rank = 0
+    cfg1.optim.lr = 1e-2
+    cfg1.optim.param_groups = [(r".*", 1.0)]  # stage 1 trains the (random) LLM as well
+    cfg1.checkpoint.every = 3
+    train(cfg1, ArrayIterator(examples, 4, seed=0), tmp_path / "stage1", devices=jax.devices()[:1])
+    stage1 = restore_params(tmp_path / "stage1", 3)
+    cfg2 = tiny_config(1)
+    cfg2.lora.rank = 0
+    cfg2.optim.lr = 0.0  # no update: the run's weights are the ones it started from
+    cfg2.optim.param_groups = [(r".*", 1.0)]
+    cfg2.checkpoint.every = 0
+    cfg2.init_from = str(tmp_path / "stage1")
+    cfg2.init_llm = init_llm
+    out = train(cfg2, ArrayIterator(examples, 4, seed=0), tmp_path / "stage2", devices=jax.devices()[:1])
+    from sparsewsi.model import build_model
+    got, fresh = flat_params(out["model"]), flat_params(build_model(out["spec"]))
+    llm_names = [n for n in stage1 if n.startswith("llm.")]
+    assert llm_names and any(n.startswith("scorer.") for n in stage1)
+    for name, value in stage1.items():
+        if name.startswith("llm.") and not init_llm:
+            np.testing.assert_array_equal(got[name], fresh[name], err_msg=name)
+            assert not np.array_equal(value, fresh[name]) or "norm" in name, name
+        else:
+            np.testing.assert_array_equal(got[name], value, err_msg=name)

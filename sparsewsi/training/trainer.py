@@ -5,7 +5,8 @@ Config fields (see ``configs/tiny.py`` for a complete example): ``seed``, ``tota
 param_dtype, tiny}``, ``lora.{rank, alpha, targets}``, ``optim.{lr, warmup_steps, end_lr_ratio,
 weight_decay, clip_norm, accumulate_steps, param_groups}``, ``mesh.{data, fsdp, tensor}``,
 ``checkpoint.{every, keep, async_save}``, ``log_every``, ``progress``, ``tensorboard``, and
-optionally ``init_from`` (a workdir whose non-LLM trained parameters start this run: stage 1 -> 2).
+optionally ``init_from`` (a workdir whose non-LLM trained parameters start this run: stage 1 -> 2;
+with ``init_llm`` its trained LLM weights too).
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
         init_dir, init_steps = resolve(config.init_from)
         if not init_steps:
             raise FileNotFoundError(f"init_from {config.init_from}: no checkpoint to start from")
-        loaded = {n: v for n, v in restore_params(init_dir, init_steps[0]).items() if not n.startswith("llm.")}
+        # The LLM comes from llm.path unless the earlier stage trained it too (``init_llm``: e.g. a
+        # randomly initialised or fully fine-tuned LLM, whose trained weights live only in that run).
+        with_llm = bool(config.get("init_llm", False))
+        loaded = {n: v for n, v in restore_params(init_dir, init_steps[0]).items()
+                  if with_llm or not n.startswith("llm.")}
         assign_params(model, loaded)
         log.info("initialised %d tensors from %s step %d", len(loaded), init_dir, init_steps[0])
     rules = [tuple(r) for r in config.optim.param_groups]
