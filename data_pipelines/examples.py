@@ -45,11 +45,18 @@ def lettered(question: str, options: dict[str, str]) -> str:
     return "\n".join([question] + [f"{k}. {v}" for k, v in options.items()])
 
 
-def from_multiple_choice(q: MultipleChoiceQuestion) -> dict[str, Any]:
-    """A SlideBench-VQA question; the reply is ``"C. <option text>"`` as SlideChat answers."""
+REPLY_STYLES = ("letter_and_text", "letter")
+
+
+def from_multiple_choice(q: MultipleChoiceQuestion, reply: str = "letter_and_text") -> dict[str, Any]:
+    """A SlideBench-VQA question; the reply is ``"C. <option text>"`` as SlideChat answers, or just
+    ``"C"`` with ``reply="letter"`` (the whole answer loss on the decision)."""
+    if reply not in REPLY_STYLES:
+        raise ValueError(f"reply must be one of {REPLY_STYLES}, got {reply!r}")
     return _base(
         id=q.question_id, row=q.row, dataset=q.dataset, slide_id=q.slide_id,
-        user_turns=[lettered(q.question, q.options)], assistant_turns=[f"{q.answer}. {q.answer_text}"],
+        user_turns=[lettered(q.question, q.options)],
+        assistant_turns=[q.answer if reply == "letter" else f"{q.answer}. {q.answer_text}"],
         question=q.question, options=list(q.options.values()), option_letters="".join(q.options),
         answer=q.answer_text, answer_letter=q.answer, tumor=q.tumor, broad_category=q.broad_category,
         narrow_category=q.narrow_category, task=q.task,

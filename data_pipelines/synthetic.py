@@ -52,7 +52,10 @@ class SyntheticSlidebench(_SlideTextBuilder, skip_registration=True):
     DEFAULT_SPLIT = "test"
     RELEASE_NOTES = {"1.0.0": "First release: the synthetic benchmark's train/test questions (SlideBench TCGA layout)."}
 
-    def __init__(self, *, sources, **kwargs: Any):
+    def __init__(self, *, sources, reply: str = "letter_and_text", **kwargs: Any):
+        if reply not in ex.REPLY_STYLES:
+            raise ValueError(f"reply must be one of {ex.REPLY_STYLES}, got {reply!r}")
+        self._reply = reply
         resolved = benchmark_sources(sources)
         self._manifest_digest = ""
         first = next(iter(resolved.values())) if isinstance(resolved, Mapping) else resolved
@@ -71,10 +74,10 @@ class SyntheticSlidebench(_SlideTextBuilder, skip_registration=True):
         return parsed
 
     def _to_example(self, record):
-        return ex.from_multiple_choice(record)
+        return ex.from_multiple_choice(record, self._reply)
 
     def build_parameters(self) -> dict[str, Any]:
-        return {**super().build_parameters(), "benchmark_config_digest": self._manifest_digest}
+        return {**super().build_parameters(), "benchmark_config_digest": self._manifest_digest, "reply": self._reply}
 
 
 BUILDERS["synthetic_slidebench"] = SyntheticSlidebench

@@ -257,3 +257,19 @@ def test_reader_workers_are_deterministic(wsivqa, tok):
     for x, y in zip(*runs):
         assert all(np.array_equal(x[k], y[k]) for k in x) and x["example_valid"].all()
     assert len(set(np.concatenate([b["record_index"] for b in runs[0]]))) == 48
+
+
+def test_multiple_choice_reply_styles():
+    from data_pipelines import examples as ex
+    from sparsewsi.datasets.records import MultipleChoiceQuestion
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(MultipleChoiceQuestion)}
+    values = dict(question_id="q1", row=2, dataset="d", slide_id="S1", question="Which?",
+                  options={"A": "alpha", "B": "beta"}, answer="B", answer_text="beta", tumor="T",
+                  broad_category="b", narrow_category="n", task="t")
+    q = MultipleChoiceQuestion(**{k: v for k, v in values.items() if k in fields})
+    assert ex.from_multiple_choice(q)["assistant_turns"] == ["B. beta"]
+    assert ex.from_multiple_choice(q, "letter")["assistant_turns"] == ["B"]
+    with pytest.raises(ValueError, match="reply"):
+        ex.from_multiple_choice(q, "text")

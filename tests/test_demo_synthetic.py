@@ -193,6 +193,27 @@ def test_questions_parse_as_slidebench_and_match_the_evidence(bench):
     assert set(seen.values()) == {2} and set(seen) == set(by_id)
 
 
+def test_question_options_fixed_order_and_kind_only():
+    plans = ss.plan_slides(dataclasses.replace(TEST_CFG, num_slides=8))
+    base = dataclasses.replace(TEST_CFG, num_slides=8)
+    fixed = dataclasses.replace(base, option_order="fixed", questions=("kind",))
+    names = [KIND_NAMES[k][0] for k in EVIDENCE_KINDS]
+    orders = set()
+    for plan in plans:
+        shuffled_rows, fixed_rows = ss.slide_questions(plan, base), ss.slide_questions(plan, fixed)
+        assert [r["Narrow Category"] for r in shuffled_rows] == [ss.NARROW_KIND, ss.NARROW_COUNT]
+        assert len(fixed_rows) == 1 and fixed_rows[0]["Narrow Category"] == ss.NARROW_KIND
+        row = fixed_rows[0]
+        assert [row[k] for k in "ABCD"] == names and row[row["Answer"]] == KIND_NAMES[plan.kind][0]
+        assert row["Question"] == shuffled_rows[0]["Question"]  # same template draw either way
+        orders.add(tuple(shuffled_rows[0][k] for k in "ABCD"))
+    assert len(orders) > 1  # the default still shuffles
+    with pytest.raises(ss.BenchmarkConfigError, match="questions"):
+        dataclasses.replace(base, questions=("colour",)).validate()
+    with pytest.raises(ss.BenchmarkConfigError, match="option_order"):
+        dataclasses.replace(base, option_order="sorted").validate()
+
+
 def test_evidence_labels_geometry():
     coords = np.array([[0, 0], [100, 0], [0, 100], [100, 100]])
     inside = ss.evidence_labels(coords, 100, [[10, 10, 60, 60]])

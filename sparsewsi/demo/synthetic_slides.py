@@ -5,8 +5,8 @@ with a few small *evidence* foci of one kind (keratin pearls, psammoma bodies, s
 clusters or multinucleated giant cells; 1 to ``max_foci`` of them, each inside one patch of the
 design grid, so at most ``max_evidence_fraction`` of the tissue patches) and several *look-alike*
 distractors whose colour matches some evidence kind but whose texture does not
-(:mod:`sparsewsi.demo.render`). Two multiple-choice questions per slide are answered by the
-evidence only: which structure is present (4 options) and how many foci there are.
+(:mod:`sparsewsi.demo.render`). Multiple-choice questions per slide (``questions``) are answered
+by the evidence only: which structure is present (4 options) and/or how many foci there are.
 
 Layout written under ``out_dir`` (all files written atomically; a rerun skips finished slides)::
 
@@ -87,6 +87,10 @@ class BenchmarkConfig:
       focus_size: (min, max) focus diameter as a fraction of the grid patch side.
       svs_every: every n-th slide is a generic pyramidal TIFF, the rest Aperio SVS (0: all SVS).
       tile: TIFF tile side; jpeg_quality: JPEG quality of the tiles.
+      questions: which question types each slide gets: ``"kind"`` (identification) and/or
+        ``"count"`` (focus counting).
+      option_order: identification options ``"shuffled"`` per question, or ``"fixed"`` (the same
+        order on every slide, as SlideBench-BCNB lists each task's options).
     """
 
     num_slides: int = 120
@@ -103,6 +107,8 @@ class BenchmarkConfig:
     svs_every: int = 4
     tile: int = 256
     jpeg_quality: int = 85
+    option_order: str = "shuffled"
+    questions: tuple[str, ...] = ("kind", "count")
 
     @property
     def patch_px(self) -> int:
@@ -128,6 +134,10 @@ class BenchmarkConfig:
                               "cannot be aligned with the extraction grid")
         if self.patch_px < 48:
             bad("patch_size", f"the design patch is {self.patch_px} level-0 px; foci need at least 48 px")
+        if not self.questions or set(self.questions) - {"kind", "count"}:
+            bad("questions", "must name at least one of 'kind', 'count'")
+        if self.option_order not in ("shuffled", "fixed"):
+            bad("option_order", "must be 'shuffled' or 'fixed'")
         lo, hi = self.tissue_patches
         if not 1 <= lo <= hi:
             bad("tissue_patches", "must be (min, max) with 1 <= min <= max")
@@ -450,16 +460,17 @@ def render_slide(plan: SlidePlan, cfg: BenchmarkConfig) -> RenderedSlide:
 # --------------------------------------------------------------------------------------------
 
 def slide_questions(plan: SlidePlan, cfg: BenchmarkConfig) -> list[dict[str, str]]:
-    """The slide's two questions as CSV rows (keys :data:`CSV_COLUMNS`); a pure function of the plan.
+    """The slide's questions (``cfg.questions``) as CSV rows (keys :data:`CSV_COLUMNS`); a pure function of the plan.
 
-    * identification: which of the four evidence kinds is present (options shuffled per question);
+    * identification: which of the four evidence kinds is present (options shuffled per question,
+      or in :data:`EVIDENCE_KINDS` order with ``option_order="fixed"``);
     * counting: how many foci of the slide's kind (options ``1..max(3, max_foci)`` in order,
       as words, so the answer letter follows the balanced count).
     """
     rng = np.random.default_rng([cfg.seed, plan.index, 0x9E57])
     names = [KIND_NAMES[k][0] for k in EVIDENCE_KINDS]
-    order = rng.permutation(len(names))
-    opts = [names[i] for i in order]
+    order = rng.permutation(len(names))  # drawn either way: the rest of the slide's draws stay the same
+    opts = names if cfg.option_order == "fixed" else [names[i] for i in order]
     letters = "ABCD"
     ans = letters[opts.index(KIND_NAMES[plan.kind][0])]
     q1 = {"ID": f"{plan.slide_id}-kind", "Slide": plan.slide_id, "Tumor": TUMOR, "Broad Category": "Microscopy",
@@ -471,7 +482,7 @@ def slide_questions(plan: SlidePlan, cfg: BenchmarkConfig) -> list[dict[str, str
           "Narrow Category": NARROW_COUNT,
           "Question": COUNT_TEMPLATES[int(rng.integers(len(COUNT_TEMPLATES)))].format(plural=KIND_NAMES[plan.kind][1]),
           **{letters[i]: (counts[i] if i < n_opts else "") for i in range(4)}, "Answer": letters[plan.count - 1]}
-    return [q1, q2]
+    return [q for name, q in (("kind", q1), ("count", q2)) if name in cfg.questions]
 
 
 # --------------------------------------------------------------------------------------------
