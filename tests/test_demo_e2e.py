@@ -56,6 +56,22 @@ def test_report_folder_has_every_file_and_selector(first_run):
     # Stage outputs of the real pipeline.
     assert len(list((out / "features").glob("SYN-*.h5"))) == 6
     assert (out / "train" / "model.json").is_file() and demo.latest_step(out / "train") == 4
+    assert demo.latest_step(out / "align") == 2  # the alignment stage ran and seeded the SparseLearn run
+    # Region bags: every evidence patch of the slide plus random ones, `tokens` in all, slide order.
+    import h5py
+
+    align_rows = list(csv.DictReader(open(out / "bench" / "questions" / "align.csv")))
+    train_slides = {r["Slide"] for r in csv.DictReader(open(out / "bench" / "questions" / "train.csv"))}
+    assert {r["Slide"].rsplit("-r", 1)[0] for r in align_rows} == train_slides
+    for region in sorted({r["Slide"] for r in align_rows}):
+        slide = region.rsplit("-r", 1)[0]
+        with h5py.File(out / "regions" / f"{region}.h5") as f, h5py.File(out / "features" / f"{slide}.h5") as g:
+            coords, ev = np.asarray(f["coords"]), np.asarray(f["evidence"], bool)
+            full_coords, full_ev = np.asarray(g["coords"]), np.asarray(g["evidence"], bool)
+            assert len(coords) == min(32, len(full_coords)) and ev.sum() == full_ev.sum() >= 1
+            rows = [np.flatnonzero((full_coords == c).all(1))[0] for c in coords]
+            assert rows == sorted(rows)
+            np.testing.assert_array_equal(np.asarray(f["features"]), np.asarray(g["features"])[rows])
     for sel in SELECTORS:
         assert (out / "eval" / sel / "results.json").is_file()
     for st in demo.STAGES:
@@ -74,7 +90,7 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_eval(first_run):
     (out / demo.STAGES_FILE).write_text(json.dumps(stages))
     logs = []
     again = demo.run_demo(small_config(), out, log=logs.append)
-    assert [s for s in demo.STAGES if again[s]["status"] == "done earlier"] == list(demo.STAGES[:5])
+    assert [s for s in demo.STAGES if again[s]["status"] == "done earlier"] == list(demo.STAGES[:demo.STAGES.index("eval")])
     ev = again["eval"]["info"]["selectors"]
     assert ev["random"]["evaluated_this_run"] == len(lines) - 1
     assert all(ev[s]["evaluated_this_run"] == 0 for s in SELECTORS if s != "random")

@@ -4,9 +4,12 @@
     extract   tissue -> grid -> encoder features, the ``sparsewsi extract`` code path (TRIDENT .h5 bags)
     annotate  per-patch ``evidence`` flags added to each bag (read by the oracle and evidence recall)
     dataset   training questions (+ option-order augmentation of the training split) -> TFDS dataset
-              (``data_pipelines`` ``synthetic_slidebench`` builder)
-    train     SparseWSI (scorer -> Soft Top-K + VP noise gate + denoiser -> projector -> tiny LLM) with
-              SparseLearn, through the trainer and the ``train`` command's data_pipelines wiring
+              (``data_pipelines`` ``synthetic_slidebench`` builder); region bags (a training slide's
+              evidence patches + random ones) and their questions -> the alignment dataset
+    align     stage 1: projector + tiny LLM learn to read visual tokens on the region bags
+    train     stage 2, from the aligned weights: SparseWSI (scorer -> Soft Top-K + VP noise gate +
+              denoiser -> projector -> tiny LLM) with SparseLearn on whole slides, through the trainer
+              and the ``train`` command's data_pipelines wiring
     eval      the ``sparsewsi eval`` runner on the test questions for each selector at budget k
               (learned, random, uniform, spatial, all tokens (capped), oracle) + evidence recall@k
     report    summary.md, accuracy chart, selection heatmaps over slide thumbnails, training curves
@@ -17,8 +20,9 @@ Layout of the run folder (default ``runs/demo``)::
     stages.json        finished stages with their wall / CPU seconds (a rerun skips them)
     bench/             the synthetic benchmark (slides/, evidence/, questions/, manifest.json)
     features/          <slide>.h5 bags (+ thumbnails/, extract_summary.process0.json)
-    dataset/           tfds/ (the prepared dataset)
-    train/             the trainer workdir (model.json, checkpoints/, metrics.jsonl)
+    dataset/           tfds/ (the prepared dataset), tfds_align/ (the region-bag dataset)
+    regions/           <slide>-r<j>.h5 region bags of the alignment stage
+    align/, train/     the trainer workdirs of stages 1 and 2 (model.json, checkpoints/, metrics.jsonl)
     eval/<selector>/   evaluation runs (run.json, predictions, results.json/md/png)
     report/            summary.md, results.json, accuracy.png, training_curves.png, heatmaps/
 
@@ -48,7 +52,7 @@ import numpy as np
 
 from sparsewsi import atomic
 
-STAGES = ("slides", "extract", "annotate", "dataset", "train", "eval", "report")
+STAGES = ("slides", "extract", "annotate", "dataset", "align", "train", "eval", "report")
 STAGES_FILE = "stages.json"
 CONFIG_FILE = "demo_config.json"
 # Settings that do not change any result (throughput and display only): may differ between reruns.
@@ -84,6 +88,14 @@ class Paths:
     @property
     def dataset(self) -> pathlib.Path:
         return self.root / "dataset"
+
+    @property
+    def regions(self) -> pathlib.Path:
+        return self.root / "regions"
+
+    @property
+    def align(self) -> pathlib.Path:
+        return self.root / "align"
 
     @property
     def train(self) -> pathlib.Path:
@@ -203,7 +215,8 @@ def benchmark_config(config):
         tissue_patches=tuple(int(v) for v in s.tissue_patches), max_foci=int(s.max_foci),
         distractors=tuple(int(v) for v in s.distractors), max_evidence_fraction=float(s.max_evidence_fraction),
         focus_size=tuple(float(v) for v in s.focus_size), svs_every=int(s.svs_every), tile=int(s.tile),
-        jpeg_quality=int(s.jpeg_quality))
+        jpeg_quality=int(s.jpeg_quality), option_order=str(s.get("option_order", "shuffled")),
+        questions=tuple(str(q) for q in s.get("questions", ("kind", "count"))))
 
 
 def stage_slides(config, paths: Paths, log: Log = print) -> dict[str, Any]:
@@ -344,14 +357,77 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     from data_pipelines.build import build
 
     builder = build("synthetic_slidebench", {"train": train_csv, "test": paths.bench / man["questions"]["test"]},
-                    features_root=paths.features, data_dir=paths.dataset / "tfds", feature_dim=d)
+                    features_root=paths.features, data_dir=paths.dataset / "tfds", feature_dim=d,
+                    reply=str(config.dataset.reply))
     sources = builder.info.metadata.get("sources", {})
     kept = {s: v.get("kept") for s, v in sources.items()}
     skipped = {s: v.get("skipped") for s, v in sources.items()}
     log(f"dataset: {builder.data_path} (train {kept.get('train')} questions from {len(train_rows)} + "
         f"{len(rows) - len(train_rows)} re-ordered copies; test {kept.get('test')}); skipped {skipped}")
-    return {"data_path": os.fspath(builder.data_path), "feature_dim": d, "train_questions": kept.get("train"),
+    info = {"data_path": os.fspath(builder.data_path), "feature_dim": d, "train_questions": kept.get("train"),
             "train_questions_original": len(train_rows), "test_questions": kept.get("test"), "skipped": skipped}
+    a = config.align
+    if int(a.steps) > 0:
+        region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), int(a.tokens), int(config.seed), log)
+        align_csv = qdir / "align.csv"
+        write_csv_atomic(align_csv, region_rows, CSV_COLUMNS)
+        ab = build("synthetic_slidebench", {"train": align_csv}, features_root=paths.regions,
+                   data_dir=paths.dataset / "tfds_align", feature_dim=d, reply=str(config.dataset.reply))
+        info.update(align_data_path=os.fspath(ab.data_path), align_questions=len(region_rows))
+        log(f"dataset: region alignment set {ab.data_path} ({len(region_rows)} questions over "
+            f"{len(region_rows) and len({r['Slide'] for r in region_rows})} region bags of {a.tokens} tokens)")
+    return info
+
+
+def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_slide: int, tokens: int, seed: int,
+                      log: Log = print) -> list[dict[str, str]]:
+    """Region bags for the alignment stage and their questions (training slides only).
+
+    A region bag holds ``tokens`` patches of one training slide: all of its evidence patches plus
+    patches drawn at random from the rest, in slide order (``regions/<slide>-r<j>.h5``, TRIDENT
+    layout, written atomically, reused when present). Its questions are the slide's own (the region
+    holds every focus, so the answers are unchanged). This is the demo's stand-in for region-level
+    image-text pairs (ROI captions): the LLM learns to read visual tokens from short bags; it never
+    tells the scorer where evidence is (the scorer gets no gradient here: with N <= k every token
+    has mask 1).
+    """
+    import h5py
+
+    paths.regions.mkdir(parents=True, exist_ok=True)
+    by_slide: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_slide.setdefault(row["Slide"], []).append(row)
+    out = []
+    for slide, slide_rows in sorted(by_slide.items()):
+        src = paths.features / f"{slide}.h5"
+        try:
+            with h5py.File(src, "r") as f:
+                feats = np.asarray(f["features"])
+                coords = np.asarray(f["coords"])
+                coord_attrs = dict(f["coords"].attrs)
+                evidence = np.asarray(f["evidence"], bool)
+        except (OSError, KeyError) as e:
+            log(f"dataset: {src}: no region bags ({type(e).__name__}: {e}); slide skipped")
+            continue
+        ev = np.flatnonzero(evidence)
+        rest = np.flatnonzero(~evidence)
+        for j in range(regions_per_slide):
+            name = f"{slide}-r{j}"
+            dst = paths.regions / f"{name}.h5"
+            if not dst.is_file():
+                rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
+                fill = rng.choice(rest, size=min(len(rest), max(tokens - len(ev), 0)), replace=False)
+                idx = np.sort(np.concatenate([ev, fill]))
+                with atomic.atomic_path(dst) as tmp:
+                    with h5py.File(tmp, "w") as f:
+                        f.create_dataset("features", data=feats[idx])
+                        c = f.create_dataset("coords", data=coords[idx])
+                        for k, v in coord_attrs.items():
+                            c.attrs[k] = v
+                        f.create_dataset("evidence", data=evidence[idx].astype(np.uint8))
+            for row in slide_rows:
+                out.append(dict(row, ID=f"{row['ID']}-r{j}", Slide=name))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,31 +453,46 @@ def latest_step(workdir: pathlib.Path) -> int:
     return max(steps, default=0)
 
 
-def stage_train(config, paths: Paths, dataset_info: dict[str, Any], log: Log = print) -> dict[str, Any]:
-    """Train SparseWSI with SparseLearn (resumes from the newest checkpoint of ``paths.train``)."""
+def align_config(config, paths: Paths, dataset_info: dict[str, Any]):
+    """The trainer config of the alignment stage: region bags of ``align.tokens`` tokens (<= k, so
+    every token passes clean), ``align.steps`` steps at ``align.lr``."""
+    t = train_config(config, paths, dataset_info)
+    a = config.align
+    t.total_steps = int(a.steps)
+    t.batch_size = int(a.batch_size)
+    t.optim.lr = float(a.lr)
+    t.checkpoint.every = int(a.steps)
+    t.data.path = dataset_info["align_data_path"]
+    t.data.features_root = os.fspath(paths.regions)
+    t.data.max_patches = int(a.tokens)
+    t.data.patch_buckets = (int(a.tokens),)
+    return t
+
+
+def _train(tcfg, workdir: pathlib.Path, log: Log, name: str) -> dict[str, Any]:
+    """Run (or resume) the trainer on ``tcfg`` in ``workdir``; a summary of its metrics."""
     import logging
 
     from sparsewsi import train_cli
     from sparsewsi.training import NonFiniteLossError, spec_from_config, train
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    tcfg = train_config(config, paths, dataset_info)
     spec = spec_from_config(tcfg)
-    done = latest_step(paths.train)
+    done = latest_step(workdir)
     if done >= tcfg.total_steps:
-        log(f"train: {paths.train} already holds step {done}")
+        log(f"{name}: {workdir} already holds step {done}")
     else:
         batches = train_cli.make_batches(tcfg, spec)  # the `train` command's data_pipelines wiring
         try:
-            out = train(tcfg, batches, paths.train, spec=spec)
+            out = train(tcfg, batches, workdir, spec=spec)
         except NonFiniteLossError as e:
-            raise DemoError(f"training diverged: {e}") from e
+            raise DemoError(f"{name} diverged: {e}") from e
         if out["resumed_from"] is not None:
-            log(f"train: resumed from step {out['resumed_from']}")
+            log(f"{name}: resumed from step {out['resumed_from']}")
         skipped = getattr(batches, "skipped", None)
         if skipped:
-            log(f"train: bad items skipped by the input pipeline: {dict(skipped)}")
-    hist = read_metrics(paths.train)
+            log(f"{name}: bad items skipped by the input pipeline: {dict(skipped)}")
+    hist = read_metrics(workdir)
     last = hist[-1] if hist else {}
     n = max(1, len(hist) // 10)
     return {"steps": int(last.get("step", 0)), "final_loss_mean_last10pct": float(np.mean([h["loss"] for h in hist[-n:]]))
@@ -409,6 +500,26 @@ def stage_train(config, paths: Paths, dataset_info: dict[str, Any], log: Log = p
             "model": {k: tcfg.model[k] for k in ("feature_dim", "k", "candidate_cap", "scorer_kind", "scorer_hidden",
                                                  "tau_start", "tau_end", "tau_steps", "projector_hidden")},
             "llm": dict(tcfg.llm.tiny), "lr": float(tcfg.optim.lr)}
+
+
+def stage_align(config, paths: Paths, dataset_info: dict[str, Any], log: Log = print) -> dict[str, Any]:
+    """Alignment (the recipe's stage 1): projector + LLM learn to read visual tokens on region bags."""
+    if int(config.align.steps) <= 0:
+        log("align: off (align.steps = 0)")
+        return {"steps": 0}
+    info = _train(align_config(config, paths, dataset_info), paths.align, log, "align")
+    info["questions"] = dataset_info.get("align_questions")
+    return info
+
+
+def stage_train(config, paths: Paths, dataset_info: dict[str, Any], log: Log = print) -> dict[str, Any]:
+    """Train SparseWSI with SparseLearn on whole slides (resumes from the newest checkpoint of
+    ``paths.train``), starting from the alignment stage's weights (LLM included) when it ran."""
+    tcfg = train_config(config, paths, dataset_info)
+    if int(config.align.steps) > 0:
+        tcfg.init_from = os.fspath(paths.align)
+        tcfg.init_llm = True
+    return _train(tcfg, paths.train, log, "train")
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict[str, float]]:
@@ -778,6 +889,7 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
     k = int(config.eval.k)
     sl, ex, an = stages["slides"]["info"], stages["extract"]["info"], stages["annotate"]["info"]
     ds, tr = stages["dataset"]["info"], stages["train"]["info"]
+    al = (stages.get("align") or {}).get("info") or {}
     lines = ["# SparseWSI demo: learned token selection on a synthetic sparse-evidence slide benchmark", ""]
     lines += [
         f"- command: `{command}`",
@@ -802,13 +914,22 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"4. **dataset**: TFDS `synthetic_slidebench`: {ds['train_questions']} training questions "
         f"({ds['train_questions_original']} + identification questions re-asked with "
         f"{config.dataset.option_orders} other option orders), {ds['test_questions']} test questions; "
-        f"D = {ds['feature_dim']}.",
-        f"5. **train**: SparseWSI with SparseLearn (scorer `{tr['model']['scorer_kind']}` -> Soft Top-K k = "
+        f"D = {ds['feature_dim']}; replies: {config.dataset.reply}"
+        + (f"; {ds['align_questions']} region-bag questions ({config.align.regions_per_slide} bags of "
+           f"{config.align.tokens} tokens per training slide: its evidence patches + random ones)."
+           if ds.get("align_questions") else "."),
+        (f"5. **align** (stage 1): projector + tiny LLM {tr['llm']} (random init, built-in tokenizer) learn to read "
+         f"visual tokens on the region bags: {al['steps']} steps of batch {al['batch_size']}, lr {al['lr']}; "
+         f"final loss {al['final_loss_mean_last10pct']:.4f}. The scorer gets no gradient here (N <= k: every token "
+         f"has mask 1); no location reaches the SparseLearn stage."
+         if al.get("steps") else "5. **align**: off (`align.steps = 0`)."),
+        f"6. **train** (stage 2): SparseWSI with SparseLearn on whole slides, from the aligned weights (scorer "
+        f"`{tr['model']['scorer_kind']}` -> Soft Top-K k = "
         f"{tr['model']['k']} over a candidate cap of {tr['model']['candidate_cap']} -> VP noise gate -> diagonal "
-        f"denoiser -> projector -> tiny LLM {tr['llm']}, random init, built-in tokenizer), {tr['steps']} steps of "
+        f"denoiser -> projector -> LLM), {tr['steps']} steps of "
         f"batch {tr['batch_size']}, lr {tr['lr']}, tau {tr['model']['tau_start']} -> {tr['model']['tau_end']} over "
         f"{tr['model']['tau_steps']} steps; final loss {tr['final_loss_mean_last10pct']:.4f} (mean of the last 10% of steps).",
-        f"6. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "
+        f"7. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "
         f"the {eval_info['questions']} test questions for each selector at k = {k}; `all` shows every token "
         f"(cap {config.eval.all_tokens_cap}).",
         "",
@@ -924,6 +1045,8 @@ def run_demo(config, out_dir: os.PathLike | str, *, command: str = "sparsewsi de
                     info = stage_annotate(config, paths, log)
                 elif st == "dataset":
                     info = stage_dataset(config, paths, log)
+                elif st == "align":
+                    info = stage_align(config, paths, stages["dataset"]["info"], log)
                 elif st == "train":
                     info = stage_train(config, paths, stages["dataset"]["info"], log)
                 elif st == "eval":
