@@ -73,41 +73,15 @@ Log = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class Paths:
-    """Where each stage writes, under the run folder ``root``."""
+    """Where each stage writes: ``paths.<name>`` is ``root / <name>`` for every name in ``FOLDERS``."""
 
     root: pathlib.Path
+    FOLDERS = ("bench", "features", "dataset", "regions", "align", "train", "eval", "report")
 
-    @property
-    def bench(self) -> pathlib.Path:
-        return self.root / "bench"
-
-    @property
-    def features(self) -> pathlib.Path:
-        return self.root / "features"
-
-    @property
-    def dataset(self) -> pathlib.Path:
-        return self.root / "dataset"
-
-    @property
-    def regions(self) -> pathlib.Path:
-        return self.root / "regions"
-
-    @property
-    def align(self) -> pathlib.Path:
-        return self.root / "align"
-
-    @property
-    def train(self) -> pathlib.Path:
-        return self.root / "train"
-
-    @property
-    def eval(self) -> pathlib.Path:
-        return self.root / "eval"
-
-    @property
-    def report(self) -> pathlib.Path:
-        return self.root / "report"
+    def __getattr__(self, name: str) -> pathlib.Path:  # only called for names that are not attributes
+        if name in Paths.FOLDERS:
+            return self.root / name
+        raise AttributeError(f"{type(self).__name__} has no folder {name!r}; folders: {', '.join(Paths.FOLDERS)}")
 
 
 def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
