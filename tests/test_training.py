@@ -263,3 +263,14 @@ def test_init_from_an_earlier_stage(tmp_path, examples, init_llm):
     for name, value in stage1.items():
         want = fresh[name] if name.startswith("llm.") and not init_llm else value
         np.testing.assert_array_equal(got[name], want, err_msg=name)
+    # Freezing what init_from supplied would lose it from this run's checkpoints: refused up front.
+    cfg3 = tiny_config(1)
+    cfg3.lora.rank = 0
+    cfg3.optim.param_groups = [(r"llm\..*", None), (r".*", 1.0)]
+    cfg3.init_from, cfg3.init_llm = str(tmp_path / "stage1"), init_llm
+    if init_llm:
+        with pytest.raises(ValueError, match=r"init_from .*stage1 supplies \d+ parameters that optim.param_groups freezes"):
+            train(cfg3, ArrayIterator(examples, 4, seed=0), tmp_path / "stage3", devices=jax.devices()[:1])
+        assert not (tmp_path / "stage3" / "checkpoints").exists()
+    else:  # the LLM comes from its source, so freezing it is fine
+        train(cfg3, ArrayIterator(examples, 4, seed=0), tmp_path / "stage3", devices=jax.devices()[:1])

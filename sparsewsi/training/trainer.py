@@ -36,7 +36,8 @@ from sparsewsi.training.step import init_state, make_train_step, memory_report
 log = logging.getLogger(__name__)
 
 MODEL_FIELDS = ("feature_dim", "k", "candidate_cap", "scorer_kind", "scorer_hidden", "scorer_depth", "scorer_heads",
-                "tau_start", "tau_end", "tau_steps", "denoiser", "projector_hidden", "feature_norm", "llm_seed", "seed")
+                "tau_start", "tau_end", "tau_steps", "denoiser", "projector_hidden", "feature_norm", "score_noise", "llm_seed",
+                "seed")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,6 +97,7 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
     # --- 3. model and optimizer --------------------------------------------------------------------
     # The LLM is read straight into its shards (a 7B model is never gathered on one device).
     model = build_model(spec, mesh=mesh)
+    loaded: dict = {}
     if config.get("init_from"):
         # Stage 2 starts from stage 1's new modules; a checkpoint of this run (restored below) overrides it.
         from sparsewsi.model import assign_params
@@ -113,6 +115,15 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
         log.info("initialised %d tensors from %s step %d", len(loaded), init_dir, init_steps[0])
     rules = [tuple(r) for r in config.optim.param_groups]
     split = ParamSplit(model, lambda name: group_of(name, rules) is not None)
+    # Checkpoints hold trained parameters only; frozen ones are rebuilt from the spec (llm.path, seeds),
+    # so weights taken from init_from and then frozen would be silently lost on reload.
+    lost = sorted(n for n in loaded if n in split.frozen)
+    if lost:
+        raise ValueError(
+            f"init_from {config.init_from} supplies {len(lost)} parameters that optim.param_groups freezes "
+            f"(e.g. {lost[0]!r}); this run's checkpoints would not hold them, so it could not be reloaded. "
+            "Train them (a small learning-rate scale such as ('llm\\..*', 0.1) keeps them close), or export the "
+            "earlier stage's LLM (`sparsewsi export`) and pass it as llm.path without init_llm.")
     opt = config.optim
     tx, schedule = make_optimizer(split.trainable, rules, lr=opt.lr, warmup_steps=opt.warmup_steps,
                                   total_steps=max(config.total_steps // opt.accumulate_steps, opt.warmup_steps + 1),
