@@ -111,6 +111,45 @@ def test_gradient_reaches_scorer_through_soft_topk_and_matches_finite_difference
     np.testing.assert_allclose(numeric, norm, rtol=0.03)
 
 
+def test_score_noise_perturbs_training_selection_only(model, tok, batch):
+    """Gumbel exploration noise (``score_noise``) changes the training loss, deterministically per key,
+    leaves score_noise = 0 exactly as before, keeps the scorer's gradient, and never touches inference."""
+    from sparsewsi.selection import soft_topk
+
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    noisy = SparseWSI(model.config.replace(score_noise=1.0), model.llm, rngs=nnx.Rngs(0))
+    same = SparseWSI(model.config.replace(score_noise=0.0), model.llm, rngs=nnx.Rngs(0))
+    loss = nnx.jit(lambda m, b, key: m.training_loss(b, 0, key)[0])
+    key = jax.random.key(3)
+    assert float(loss(same, b, key)) == float(loss(model, b, key))
+    assert float(loss(noisy, b, key)) == float(loss(noisy, b, key))
+    assert float(loss(noisy, b, key)) != float(loss(model, b, key))
+    # By hand: Gumbel noise on the standardised scores from the second half of the key, the gate from the first.
+    from sparsewsi.model.sparsewsi import answer_loss
+
+    def by_hand(m, b, key):
+        mask = b["feature_mask"].astype(bool)
+        x = m.input_features(b["features"], mask)
+        scores = m.scorer(x, mask)
+        gate_key, gumbel_key = jax.random.split(key)
+        alpha = soft_topk(scores + jax.random.gumbel(gumbel_key, scores.shape), 4, m.temperature(0), mask)
+        h = m.denoiser(m.noise_gate(x, alpha, gate_key), 1.0 - alpha)
+        embeds, attn, out_pos = splice(m.llm.embed_tokens(b["input_ids"]), b["input_ids"], b["attention_mask"],
+                                       m.config.image_token_id, m.projector(h), mask)
+        return answer_loss(m.llm, embeds, attn, out_pos, b["input_ids"], b["loss_mask"])[0]
+
+    np.testing.assert_allclose(float(nnx.jit(by_hand)(noisy, b, key)), float(loss(noisy, b, key)), rtol=1e-5)
+    scores = nnx.jit(lambda m, x, mask: m.scores(x, mask))(noisy, b["features"], b["feature_mask"])
+    graphdef, scorer_state, rest = nnx.split(noisy, lambda p, v: p[0] == "scorer" and isinstance(v, nnx.Param), ...)
+    grads = jax.grad(lambda st: nnx.merge(graphdef, st, rest).training_loss(b, 0, key)[0])(scorer_state)
+    assert sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)) > 0
+    # Inference is a deterministic Hard Top-K by the unperturbed scores.
+    np.testing.assert_array_equal(noisy.select(b["features"], b["feature_mask"]).indices,
+                                  hard_topk(scores, 4, b["feature_mask"]).indices)
+    with pytest.raises(ValueError, match="score_noise must be >= 0"):
+        model.config.replace(score_noise=-1.0)
+
+
 def test_candidate_cap_keeps_the_top_scored_tokens(model, batch):
     capped = SparseWSI(model.config.replace(candidate_cap=8), model.llm, rngs=nnx.Rngs(0))
     b = {k: jnp.asarray(v) for k, v in batch.items()}

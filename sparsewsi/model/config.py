@@ -28,6 +28,9 @@ class SparseWSIConfig:
       tau_start / tau_end / tau_steps: cosine temperature schedule of the Soft Top-K (in units of the
         bag's score standard deviation, since scores are standardised per bag).
       denoiser: whether training uses the diagonal-attention denoiser after the noise gate.
+      score_noise: scale of Gumbel noise added to the (standardised) scores before the Soft Top-K in
+        training (0 = off): tokens the scorer ranks low are still selected now and then, so a reader
+        can tell the scorer they matter (exploration); inference stays a deterministic Hard Top-K.
       projector_hidden: hidden width of the projector MLP (0 -> the LLM hidden size).
       feature_norm: how the patch features are normalised before the scorer and projector:
         ``"token"`` (per-token standardisation over D only; fine for pretrained encoders such as
@@ -50,6 +53,7 @@ class SparseWSIConfig:
     tau_end: float = 0.1
     tau_steps: int = 2000
     denoiser: bool = True
+    score_noise: float = 0.0
     projector_hidden: int = 0
     feature_norm: str = "token"
     llm_seed: int = 0
@@ -58,6 +62,8 @@ class SparseWSIConfig:
     def __post_init__(self):
         if self.feature_dim < 1:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
+        if self.score_noise < 0:
+            raise ValueError(f"score_noise must be >= 0, got {self.score_noise}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.feature_norm not in FEATURE_NORMS:

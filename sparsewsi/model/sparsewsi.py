@@ -7,6 +7,7 @@ Training path (``training_loss``)::
 
     s     = Scorer(X, mask)                        # [B, N] standardised scores
     (cap) keep the top-M tokens by s (no gradient through the choice), slide order
+    (opt) s += score_noise * Gumbel noise          # exploration, training only
     alpha = soft_topk(s, k, tau(step), mask)       # [B, M], sum = k
     X~    = VPNoiseGate(X, alpha, key(step))       # per-token standardised, dropped tokens -> noise
     X^    = DiagonalDenoiser(X~, 1 - alpha)          # residual scaled by the noise level
@@ -144,6 +145,9 @@ class SparseWSI(nnx.Module):
             x = gather_tokens(x, cand.indices)
             scores = jnp.take_along_axis(scores, cand.indices, axis=1)
             mask = cand.valid
+        if c.score_noise > 0:  # exploration: Gumbel-perturbed scores (keys kept apart from the gate's)
+            key, gumbel_key = jax.random.split(key)
+            scores = scores + c.score_noise * jax.random.gumbel(gumbel_key, scores.shape, scores.dtype)
         alpha = soft_topk(scores, min(c.k, x.shape[1]), tau, mask)
         h = self.noise_gate(x, alpha, key)
         if self.denoiser is not None:
