@@ -50,6 +50,11 @@ def test_report_folder_has_every_file_and_selector(first_run):
     for sel, r in ev.items():
         assert r["n"] == n_test and r["complete"], sel
         assert 0.0 <= r["accuracy"] <= 1.0
+        # Per answer (evidence kind): the counts add up and reproduce the overall accuracy.
+        by = r["by_answer"]
+        assert sum(v["n"] for v in by.values()) == n_test, sel
+        assert abs(sum(v["n"] * v["accuracy"] for v in by.values()) / n_test - r["accuracy"]) < 1e-9, sel
+    assert "Per answer (accuracy % / evidence recall@32" in summary
     # The oracle sees every evidence token; 'all' sees every token; the others at most k.
     assert ev["oracle"]["evidence_recall"] == 1.0 and ev["all"]["evidence_recall"] == 1.0
     assert ev["random"]["tokens_shown_mean"] == 32 and ev["all"]["tokens_shown_mean"] > 32
@@ -71,7 +76,15 @@ def test_report_folder_has_every_file_and_selector(first_run):
             assert len(coords) == min(32, len(full_coords)) and ev.sum() == full_ev.sum() >= 1
             rows = [np.flatnonzero((full_coords == c).all(1))[0] for c in coords]
             assert rows == sorted(rows)
-            np.testing.assert_array_equal(np.asarray(f["features"]), np.asarray(g["features"])[rows])
+            # Normalised with the whole slide's median / MAD (what the model does to the slide), not the bag's.
+            full = np.asarray(g["features"], np.float64)
+            med = np.median(full, 0)
+            scale = 1.4826 * np.median(np.abs(full - med), 0) + 1e-6
+            assert f["features"].attrs["slide_norm"] == "bag_robust"
+            np.testing.assert_allclose(np.asarray(f["features"]), ((full - med) / scale)[rows], rtol=1e-4, atol=1e-4)
+    # ... so the alignment stage reads them without a second (bag) normalisation.
+    assert json.loads((out / "align" / "model.json").read_text())["model"]["feature_norm"] == "token"
+    assert json.loads((out / "train" / "model.json").read_text())["model"]["feature_norm"] == "bag_robust"
     for sel in SELECTORS:
         assert (out / "eval" / sel / "results.json").is_file()
     for st in demo.STAGES:

@@ -342,7 +342,8 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
             "train_questions_original": len(train_rows), "test_questions": kept.get("test"), "skipped": skipped}
     a = config.align
     if int(a.steps) > 0:
-        region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), int(a.tokens), int(config.seed), log)
+        region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), int(a.tokens), int(config.seed), log,
+                                        feature_norm=str(config.train.model.feature_norm))
         align_csv = qdir / "align.csv"
         write_csv_atomic(align_csv, region_rows, CSV_COLUMNS)
         ab = build("synthetic_slidebench", {"train": align_csv}, features_root=paths.regions,
@@ -353,8 +354,31 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     return info
 
 
+# Bag normalisations of ``SparseWSIConfig.feature_norm`` whose statistics come from the whole bag.
+SLIDE_NORMS = ("bag", "bag_robust")
+
+
+def slide_normalized(features: np.ndarray, feature_norm: str) -> np.ndarray:
+    """``features`` [N, D] normalised over the whole slide exactly as the model's ``input_features``
+    does (``feature_norm`` in :data:`SLIDE_NORMS`; anything else: unchanged). float32 [N, D]."""
+    if feature_norm not in SLIDE_NORMS:
+        return np.asarray(features, np.float32)
+    import jax.numpy as jnp
+
+    from sparsewsi.selection.sparselearn import standardize_bag, standardize_bag_robust
+
+    fn = standardize_bag_robust if feature_norm == "bag_robust" else standardize_bag
+    return np.asarray(fn(jnp.asarray(features, jnp.float32)[None]))[0]
+
+
+def region_feature_norm(feature_norm: str) -> str:
+    """The model's ``feature_norm`` for region bags written by :func:`write_region_bags`: ``"token"``
+    (per-token only) when their features already carry the slide's normalisation."""
+    return "token" if feature_norm in SLIDE_NORMS else feature_norm
+
+
 def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_slide: int, tokens: int, seed: int,
-                      log: Log = print) -> list[dict[str, str]]:
+                      log: Log = print, feature_norm: str = "token") -> list[dict[str, str]]:
     """Region bags for the alignment stage and their questions (training slides only).
 
     A region bag holds ``tokens`` patches of one training slide: all of its evidence patches plus
@@ -364,6 +388,14 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     image-text pairs (ROI captions): the LLM learns to read visual tokens from short bags; it never
     tells the scorer where evidence is (the scorer gets no gradient here: with N <= k every token
     has mask 1).
+
+    With a bag normalisation (``feature_norm`` "bag" / "bag_robust") the region's features are
+    written already normalised with the statistics of the *whole slide* (attribute ``slide_norm``
+    on ``features``: the normalisation applied, or "none"), and the alignment stage skips the bag normalisation
+    (:func:`region_feature_norm`): at stage 2 and at inference the LLM sees tokens normalised by
+    their slide, and the statistics of a 32-token bag are a noisy stand-in for those (measured on
+    the demo: a 128-wide reader aligned on self-normalised region bags answered 48% of the test
+    slides shown every evidence patch, on slide-normalised ones 95%).
     """
     import h5py
 
@@ -385,16 +417,19 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
             continue
         ev = np.flatnonzero(evidence)
         rest = np.flatnonzero(~evidence)
+        normed = None
         for j in range(regions_per_slide):
             name = f"{slide}-r{j}"
             dst = paths.regions / f"{name}.h5"
-            if not dst.is_file():
+            if not _region_bag_done(dst, feature_norm):
+                if normed is None:
+                    normed = slide_normalized(feats, feature_norm)
                 rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
                 fill = rng.choice(rest, size=min(len(rest), max(tokens - len(ev), 0)), replace=False)
                 idx = np.sort(np.concatenate([ev, fill]))
                 with atomic.atomic_path(dst) as tmp:
                     with h5py.File(tmp, "w") as f:
-                        f.create_dataset("features", data=feats[idx])
+                        f.create_dataset("features", data=normed[idx]).attrs["slide_norm"] = _slide_norm(feature_norm)
                         c = f.create_dataset("coords", data=coords[idx])
                         for k, v in coord_attrs.items():
                             c.attrs[k] = v
@@ -402,6 +437,23 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
             for row in slide_rows:
                 out.append(dict(row, ID=f"{row['ID']}-r{j}", Slide=name))
     return out
+
+
+def _slide_norm(feature_norm: str) -> str:
+    return feature_norm if feature_norm in SLIDE_NORMS else "none"
+
+
+def _region_bag_done(path: pathlib.Path, feature_norm: str) -> bool:
+    """Whether ``path`` is a finished region bag written with ``feature_norm`` (else: write it again)."""
+    import h5py
+
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f["features"].attrs.get("slide_norm") == _slide_norm(feature_norm)
+    except (OSError, KeyError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,7 +481,7 @@ def latest_step(workdir: pathlib.Path) -> int:
 
 def align_config(config, paths: Paths, dataset_info: dict[str, Any]):
     """The trainer config of the alignment stage: region bags of ``align.tokens`` tokens (<= k, so
-    every token passes clean), ``align.steps`` steps at ``align.lr``."""
+    every token passes clean), ``align.steps`` steps at ``align.lr``, every module trained."""
     t = train_config(config, paths, dataset_info)
     a = config.align
     t.total_steps = int(a.steps)
@@ -440,6 +492,10 @@ def align_config(config, paths: Paths, dataset_info: dict[str, Any]):
     t.data.features_root = os.fspath(paths.regions)
     t.data.max_patches = int(a.tokens)
     t.data.patch_buckets = (int(a.tokens),)
+    t.model.feature_norm = region_feature_norm(str(t.model.feature_norm))  # region bags carry the slide's
+    # Alignment trains the projector and the LLM at full rate (whatever groups stage 2 uses; the scorer
+    # gets no gradient here: with N <= k every token has mask 1).
+    t.optim.param_groups = [(r".*", 1.0)]
     return t
 
 
@@ -545,6 +601,21 @@ def evidence_recall(selected: np.ndarray, evidence: np.ndarray) -> float:
     return float(np.isin(ev, selected).mean())
 
 
+def answer_correct(run_dir: pathlib.Path, eval_set) -> dict[str, bool]:
+    """item_id -> whether the run's answer is right (same extraction cascade as the scorer; choice items)."""
+    from sparsewsi.evaluation.extraction import extract_choice
+
+    items = {it.item_id: it for it in eval_set.items if it.answer}
+    out = {}
+    for path in sorted(run_dir.glob("predictions.*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            it = items.get(rec.get("item_id"))
+            if it is not None and rec.get("status") == "ok":
+                out[it.item_id] = extract_choice(rec.get("prediction", ""), it.options).letter == it.answer
+    return out
+
+
 def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     """Evaluate every selector on the test questions (resumable runs under ``paths.eval``)."""
     from sparsewsi.evaluation.items import load_eval_set
@@ -581,9 +652,14 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
                           log=lambda m, s=selector: log(f"eval {s}: {m}"))
         results = merge_run(run_dir, eval_set)
         ch = results["report"].get("choice") or {}
-        # Evidence recall of the very selections the model was shown.
+        # Evidence recall of the very selections the model was shown; both per answer (evidence kind) too.
         recalls, shown = [], []
+        correct = answer_correct(run_dir, eval_set)
+        per_answer: dict[str, dict[str, list[float]]] = {}
         for item in eval_set.items:
+            slot = per_answer.setdefault(item.reference, {"correct": [], "recall": []})
+            if item.item_id in correct:
+                slot["correct"].append(float(correct[item.item_id]))
             try:
                 feats, coords, ev = source.load(item)
             except SkipItem:
@@ -592,6 +668,7 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
                 continue
             sel = selections(inner, selector, feats, coords, ev, item.item_id, int(e.seed))
             recalls.append(evidence_recall(sel, ev))
+            slot["recall"].append(recalls[-1])
             shown.append(len(sel))
         by_task = {k: v["accuracy"] for k, v in (ch.get("breakdowns", {}).get("narrow", {}) or {}).items()}
         out["selectors"][selector] = {
@@ -599,6 +676,9 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
             "unparseable": ch.get("unparseable"), "skipped": results["report"]["counts"]["skipped"],
             "complete": results["complete"], "evidence_recall": float(np.nanmean(recalls)) if recalls else None,
             "tokens_shown_mean": float(np.mean(shown)) if shown else None,
+            "by_answer": {ref: {"n": len(v["correct"]), "accuracy": float(np.mean(v["correct"])) if v["correct"] else None,
+                                "evidence_recall": float(np.nanmean(v["recall"])) if v["recall"] else None}
+                          for ref, v in sorted(per_answer.items())},
             "evaluated_this_run": stats.evaluated, "seconds_this_run": round(time.perf_counter() - t0, 2),
             "baselines": ch.get("baselines", {}),
         }
@@ -901,7 +981,9 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"`{tr['model']['scorer_kind']}` -> Soft Top-K k = "
         f"{tr['model']['k']} over a candidate cap of {tr['model']['candidate_cap']} -> VP noise gate -> diagonal "
         f"denoiser -> projector -> LLM), {tr['steps']} steps of "
-        f"batch {tr['batch_size']}, lr {tr['lr']}, tau {tr['model']['tau_start']} -> {tr['model']['tau_end']} over "
+        f"batch {tr['batch_size']}, lr {tr['lr']} (scales by parameter: "
+        f"{', '.join(f'`{pat}` {scale}' for pat, scale in config.train.optim.param_groups)}), "
+        f"tau {tr['model']['tau_start']} -> {tr['model']['tau_end']} over "
         f"{tr['model']['tau_steps']} steps; final loss {tr['final_loss_mean_last10pct']:.4f} (mean of the last 10% of steps).",
         f"7. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "
         f"the {eval_info['questions']} test questions for each selector at k = {k}; `all` shows every token "
@@ -929,6 +1011,19 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
                       f"{b.get('best_constant_letter')} {_pct(b.get('best_constant_letter_accuracy'))}%, majority "
                       f"answer per task {_pct(b.get('majority_accuracy'))}%. Chance: 25% (identification, 4 options), "
                       f"33% (counting, 3 options)."]
+    answers = sorted({a for r in eval_info["selectors"].values() for a in r.get("by_answer", {})})
+    if answers:
+        sels = ordered_selectors(config, eval_info)
+        lines += ["", f"Per answer (accuracy % / evidence recall@{k}; n questions):", "",
+                  "| answer | n | " + " | ".join(sels) + " |", "|---|---:|" + "---:|" * len(sels)]
+        for a in answers:
+            cells, n = [], 0
+            for sel in sels:
+                v = eval_info["selectors"][sel].get("by_answer", {}).get(a, {})
+                n = max(n, v.get("n") or 0)
+                rec = v.get("evidence_recall")
+                cells.append(f"{_pct(v.get('accuracy'))} / {'n/a' if rec is None else f'{rec:.2f}'}")
+            lines.append(f"| {a} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "Selectors: " + "; ".join(f"`{s}` {SELECTOR_NOTES.get(s, '')}"
                                             for s in ordered_selectors(config, eval_info)) + ".",
               "", "### Targets", ""]
