@@ -390,9 +390,9 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     has mask 1).
 
     With a bag normalisation (``feature_norm`` "bag" / "bag_robust") the region's features are
-    written already normalised with the statistics of the *whole slide* (attribute ``slide_norm``
-    on ``features``: the normalisation applied, or "none"), and the alignment stage skips the bag normalisation
-    (:func:`region_feature_norm`): at stage 2 and at inference the LLM sees tokens normalised by
+    written already normalised with the statistics of the *whole slide* (attribute ``slide_norm`` on
+    ``features``: the normalisation applied, or "none"), and the alignment stage skips the bag
+    normalisation (:func:`region_feature_norm`): at stage 2 and at inference the LLM sees tokens normalised by
     their slide, and the statistics of a 32-token bag are a noisy stand-in for those (measured on
     the demo: a 128-wide reader aligned on self-normalised region bags answered 48% of the test
     slides shown every evidence patch, on slide-normalised ones 95%).
@@ -652,7 +652,7 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
                           log=lambda m, s=selector: log(f"eval {s}: {m}"))
         results = merge_run(run_dir, eval_set)
         ch = results["report"].get("choice") or {}
-        # Evidence recall of the very selections the model was shown; both per answer (evidence kind) too.
+        # Evidence recall of the very selections the model was shown; accuracy and recall per answer too.
         recalls, shown = [], []
         correct = answer_correct(run_dir, eval_set)
         per_answer: dict[str, dict[str, list[float]]] = {}
@@ -676,7 +676,8 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
             "unparseable": ch.get("unparseable"), "skipped": results["report"]["counts"]["skipped"],
             "complete": results["complete"], "evidence_recall": float(np.nanmean(recalls)) if recalls else None,
             "tokens_shown_mean": float(np.mean(shown)) if shown else None,
-            "by_answer": {ref: {"n": len(v["correct"]), "accuracy": float(np.mean(v["correct"])) if v["correct"] else None,
+            "by_answer": {ref: {"n": len(v["correct"]),
+                                "accuracy": float(np.mean(v["correct"])) if v["correct"] else None,
                                 "evidence_recall": float(np.nanmean(v["recall"])) if v["recall"] else None}
                           for ref, v in sorted(per_answer.items())},
             "evaluated_this_run": stats.evaluated, "seconds_this_run": round(time.perf_counter() - t0, 2),
