@@ -601,21 +601,6 @@ def evidence_recall(selected: np.ndarray, evidence: np.ndarray) -> float:
     return float(np.isin(ev, selected).mean())
 
 
-def answer_correct(run_dir: pathlib.Path, eval_set) -> dict[str, bool]:
-    """item_id -> whether the run's answer is right (same extraction cascade as the scorer; choice items)."""
-    from sparsewsi.evaluation.extraction import extract_choice
-
-    items = {it.item_id: it for it in eval_set.items if it.answer}
-    out = {}
-    for path in sorted(run_dir.glob("predictions.*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            it = items.get(rec.get("item_id"))
-            if it is not None and rec.get("status") == "ok":
-                out[it.item_id] = extract_choice(rec.get("prediction", ""), it.options).letter == it.answer
-    return out
-
-
 def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     """Evaluate every selector on the test questions (resumable runs under ``paths.eval``)."""
     from sparsewsi.evaluation.items import load_eval_set
@@ -626,6 +611,9 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     e = config.eval
     man_q = json.loads((paths.bench / "manifest.json").read_text())["questions"]
     eval_set = load_eval_set(paths.bench / man_q["test"])
+    # One more breakdown of the scorer's report: per answer, i.e. per evidence kind.
+    eval_set = dataclasses.replace(eval_set, items=[
+        dataclasses.replace(it, groups={**it.groups, "answer": it.reference}) for it in eval_set.items])
     inner, spec = load_predictor(config, paths)
     source = BagSource(paths.features, max_patches=None, cache_size=256)
 
@@ -652,14 +640,10 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
                           log=lambda m, s=selector: log(f"eval {s}: {m}"))
         results = merge_run(run_dir, eval_set)
         ch = results["report"].get("choice") or {}
-        # Evidence recall of the very selections the model was shown; accuracy and recall per answer too.
+        # Evidence recall of the very selections the model was shown (overall and per answer).
         recalls, shown = [], []
-        correct = answer_correct(run_dir, eval_set)
-        per_answer: dict[str, dict[str, list[float]]] = {}
+        recall_by_answer: dict[str, list[float]] = {}
         for item in eval_set.items:
-            slot = per_answer.setdefault(item.reference, {"correct": [], "recall": []})
-            if item.item_id in correct:
-                slot["correct"].append(float(correct[item.item_id]))
             try:
                 feats, coords, ev = source.load(item)
             except SkipItem:
@@ -668,7 +652,7 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
                 continue
             sel = selections(inner, selector, feats, coords, ev, item.item_id, int(e.seed))
             recalls.append(evidence_recall(sel, ev))
-            slot["recall"].append(recalls[-1])
+            recall_by_answer.setdefault(item.reference, []).append(recalls[-1])
             shown.append(len(sel))
         by_task = {k: v["accuracy"] for k, v in (ch.get("breakdowns", {}).get("narrow", {}) or {}).items()}
         out["selectors"][selector] = {
@@ -676,10 +660,10 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
             "unparseable": ch.get("unparseable"), "skipped": results["report"]["counts"]["skipped"],
             "complete": results["complete"], "evidence_recall": float(np.nanmean(recalls)) if recalls else None,
             "tokens_shown_mean": float(np.mean(shown)) if shown else None,
-            "by_answer": {ref: {"n": len(v["correct"]),
-                                "accuracy": float(np.mean(v["correct"])) if v["correct"] else None,
-                                "evidence_recall": float(np.nanmean(v["recall"])) if v["recall"] else None}
-                          for ref, v in sorted(per_answer.items())},
+            "by_answer": {ref: {"n": v["n"], "accuracy": v["accuracy"],
+                                "evidence_recall": float(np.nanmean(recall_by_answer[ref]))
+                                if recall_by_answer.get(ref) else None}
+                          for ref, v in sorted((ch.get("breakdowns", {}).get("answer") or {}).items())},
             "evaluated_this_run": stats.evaluated, "seconds_this_run": round(time.perf_counter() - t0, 2),
             "baselines": ch.get("baselines", {}),
         }
