@@ -165,3 +165,15 @@ def test_evidence_recall():
     assert demo.evidence_recall(np.array([0, 2, 5]), ev) == 0.5
     assert demo.evidence_recall(np.array([2, 7]), ev) == 1.0
     assert np.isnan(demo.evidence_recall(np.array([1]), np.zeros(10, bool)))
+
+
+def test_align_config_trains_everything_on_region_bags_with_noise_slots(tmp_path):
+    """The alignment stage's trainer config: region bags, every module at full rate, per-token norm when
+    the bags carry their slide's normalisation, and the demo's `align.noise_slots` in the model."""
+    c = small_config(**{"align.noise_slots": 5})
+    info = {"feature_dim": 48, "data_path": "/data/train", "align_data_path": "/data/align"}
+    t = demo.align_config(c, demo.Paths(tmp_path), info)
+    assert t.model.noise_slots == 5 and t.model.feature_norm == "token"
+    assert t.data.path == "/data/align" and t.data.features_root == str(tmp_path / "regions")
+    assert t.optim.param_groups == [(r".*", 1.0)] and t.total_steps == c.align.steps
+    assert demo.train_config(c, demo.Paths(tmp_path), info).model.get("noise_slots", 0) == 0  # stage 2: off

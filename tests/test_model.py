@@ -150,6 +150,41 @@ def test_score_noise_perturbs_training_selection_only(model, tok, batch):
         model.config.replace(score_noise=-1.0)
 
 
+def test_noise_slots_by_hand(model, batch):
+    """``noise_slots`` inserts pure-noise tokens (gate mask 0) among the bag's tokens in training: the loss
+    equals the pieces run by hand with the same keys, 0 is the plain loss, inference is untouched."""
+    from sparsewsi.model.sparsewsi import answer_loss
+    from sparsewsi.selection import soft_topk
+    from sparsewsi.selection.sparselearn import interleave_noise_slots
+
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    aug = SparseWSI(model.config.replace(noise_slots=7), model.llm, rngs=nnx.Rngs(0))
+    off = SparseWSI(model.config.replace(noise_slots=0), model.llm, rngs=nnx.Rngs(0))
+    loss = nnx.jit(lambda m, b, key: m.training_loss(b, 0, key))
+    key = jax.random.key(5)
+    assert float(loss(off, b, key)[0]) == float(loss(model, b, key)[0])
+
+    def by_hand(m, b, key):
+        mask = b["feature_mask"].astype(bool)
+        x = m.input_features(b["features"], mask)
+        alpha = soft_topk(m.scorer(x, mask), 4, m.temperature(0), mask)
+        gate_key, slot_key = jax.random.split(key)
+        x, alpha, mask = interleave_noise_slots(x, alpha, mask, 7, slot_key)
+        h = m.denoiser(m.noise_gate(x, alpha, gate_key), 1.0 - alpha)
+        embeds, attn, out_pos = splice(m.llm.embed_tokens(b["input_ids"]), b["input_ids"], b["attention_mask"],
+                                       m.config.image_token_id, m.projector(h), mask)
+        return answer_loss(m.llm, embeds, attn, out_pos, b["input_ids"], b["loss_mask"])[0]
+
+    got, aux = loss(aug, b, key)
+    np.testing.assert_allclose(float(nnx.jit(by_hand)(aug, b, key)), float(got), rtol=1e-5)
+    assert float(aux["visual_tokens"]) == b["features"].shape[1] + 7
+    assert float(got) != float(loss(off, b, key)[0])
+    np.testing.assert_array_equal(aug.select(b["features"], b["feature_mask"]).indices,
+                                  model.select(b["features"], b["feature_mask"]).indices)
+    with pytest.raises(ValueError, match="noise_slots"):
+        model.config.replace(noise_slots=-1)
+
+
 def test_candidate_cap_keeps_the_top_scored_tokens(model, batch):
     capped = SparseWSI(model.config.replace(candidate_cap=8), model.llm, rngs=nnx.Rngs(0))
     b = {k: jnp.asarray(v) for k, v in batch.items()}

@@ -435,3 +435,27 @@ def test_hard_topk_compiles_without_a_full_sort():
     sorts = [line for line in hlo.splitlines() if re.search(r"=\s*\S*\[[^\]]*\]\S*\s+sort\(", line)]
     assert sorts, "expected the small slide-order sort of the k picks"
     assert not any(str(n) in line.split("sort(")[0] for line in sorts), sorts
+
+
+def test_interleave_noise_slots_keeps_the_bag_in_order():
+    from sparsewsi.selection.sparselearn import interleave_noise_slots
+
+    b, n, d, p = 3, 5, 2, 4
+    x = jnp.arange(1.0, 1.0 + b * n * d).reshape(b, n, d)
+    alpha = jnp.linspace(0.1, 1.0, b * n).reshape(b, n)
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+    key = jax.random.key(0)
+    xo, ao, mo = interleave_noise_slots(x, alpha, mask, p, key)
+    assert xo.shape == (b, n + p, d) and ao.shape == mo.shape == (b, n + p)
+    for r in range(b):
+        real = np.asarray(jnp.any(xo[r] != 0, -1))
+        assert real.sum() == n
+        np.testing.assert_array_equal(xo[r][real], x[r])  # every token once, in bag order
+        np.testing.assert_array_equal(ao[r][real], alpha[r])
+        np.testing.assert_array_equal(mo[r][real], mask[r])
+        assert (np.asarray(ao[r])[~real] == 0).all() and np.asarray(mo[r])[~real].all()  # valid noise slots
+    # places differ between rows and keys; the same key gives the same places
+    again = interleave_noise_slots(x, alpha, mask, p, key)[0]
+    np.testing.assert_array_equal(xo, again)
+    other = interleave_noise_slots(x, alpha, mask, p, jax.random.key(1))[0]
+    assert not np.array_equal(np.asarray(xo != 0), np.asarray(other != 0))

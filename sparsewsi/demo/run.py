@@ -496,6 +496,7 @@ def align_config(config, paths: Paths, dataset_info: dict[str, Any]):
     # Alignment trains the projector and the LLM at full rate (whatever groups stage 2 uses; the scorer
     # gets no gradient here: with N <= k every token has mask 1).
     t.optim.param_groups = [(r".*", 1.0)]
+    t.model.noise_slots = int(a.get("noise_slots", 0))
     return t
 
 

@@ -31,6 +31,9 @@ class SparseWSIConfig:
       score_noise: scale of Gumbel noise added to the (standardised) scores before the Soft Top-K in
         training (0 = off): tokens the scorer ranks low are still selected now and then, so a reader
         can tell the scorer they matter (exploration); inference stays a deterministic Hard Top-K.
+      noise_slots: in training, this many pure-noise tokens (gate mask 0) are inserted among the
+        bag's tokens at random places (0 = off): a reader aligned on short bags then also meets the
+        noise tokens that fill most of a whole slide in SparseLearn.
       projector_hidden: hidden width of the projector MLP (0 -> the LLM hidden size).
       feature_norm: how the patch features are normalised before the scorer and projector:
         ``"token"`` (per-token standardisation over D only; fine for pretrained encoders such as
@@ -54,6 +57,7 @@ class SparseWSIConfig:
     tau_steps: int = 2000
     denoiser: bool = True
     score_noise: float = 0.0
+    noise_slots: int = 0
     projector_hidden: int = 0
     feature_norm: str = "token"
     llm_seed: int = 0
@@ -64,6 +68,8 @@ class SparseWSIConfig:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
         if self.score_noise < 0:
             raise ValueError(f"score_noise must be >= 0, got {self.score_noise}")
+        if self.noise_slots < 0:
+            raise ValueError(f"noise_slots must be >= 0, got {self.noise_slots}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.feature_norm not in FEATURE_NORMS:

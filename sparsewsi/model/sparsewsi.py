@@ -9,6 +9,7 @@ Training path (``training_loss``)::
     (cap) keep the top-M tokens by s (no gradient through the choice), slide order
     (opt) s += score_noise * Gumbel noise          # exploration, training only
     alpha = soft_topk(s, k, tau(step), mask)       # [B, M], sum = k
+    (opt) + noise_slots tokens with alpha 0        # augmentation, training only
     X~    = VPNoiseGate(X, alpha, key(step))       # per-token standardised, dropped tokens -> noise
     X^    = DiagonalDenoiser(X~, 1 - alpha)          # residual scaled by the noise level
     V     = Projector(X^)                          # [B, M, H]
@@ -35,7 +36,8 @@ from sparsewsi.llm import CausalLM, create_model
 from sparsewsi.model.config import SparseWSIConfig
 from sparsewsi.selection import DiagonalDenoiser, Scorer, VPNoiseGate, cosine_temperature, gather_tokens, hard_topk
 from sparsewsi.selection import soft_topk
-from sparsewsi.selection.sparselearn import standardize_bag, standardize_bag_robust, standardize_tokens
+from sparsewsi.selection.sparselearn import (interleave_noise_slots, standardize_bag, standardize_bag_robust,
+                                             standardize_tokens)
 
 Array = jax.Array
 
@@ -148,7 +150,11 @@ class SparseWSI(nnx.Module):
         if c.score_noise > 0:  # exploration: Gumbel-perturbed scores (keys kept apart from the gate's)
             key, gumbel_key = jax.random.split(key)
             scores = scores + c.score_noise * jax.random.gumbel(gumbel_key, scores.shape, scores.dtype)
-        alpha = soft_topk(scores, min(c.k, x.shape[1]), tau, mask)
+        k_eff = min(c.k, x.shape[1])
+        alpha = soft_topk(scores, k_eff, tau, mask)
+        if c.noise_slots > 0:  # augmentation: the noise tokens a whole slide holds, for readers of short bags
+            key, slot_key = jax.random.split(key)
+            x, alpha, mask = interleave_noise_slots(x, alpha, mask, c.noise_slots, slot_key)
         h = self.noise_gate(x, alpha, key)
         if self.denoiser is not None:
             h = self.denoiser(h, 1.0 - alpha)  # clean tokens pass unchanged, as at inference
@@ -156,7 +162,6 @@ class SparseWSI(nnx.Module):
         embeds, attn, out_pos = splice(self.llm.embed_tokens(batch["input_ids"]), batch["input_ids"],
                                        batch["attention_mask"], c.image_token_id, visual, mask)
         loss, count = answer_loss(self.llm, embeds, attn, out_pos, batch["input_ids"], batch["loss_mask"])
-        k_eff = min(c.k, x.shape[1])
         top = jax.lax.top_k(jax.lax.stop_gradient(alpha), k_eff)[0]
         aux = {
             "tau": tau,

@@ -93,6 +93,32 @@ def standardize_bag_robust(x: Array, mask: Array | None = None, eps: float = 1e-
     return jnp.where(mask[..., None], (xf - med) / scale, 0.0).astype(x.dtype)
 
 
+def interleave_noise_slots(x: Array, alpha: Array, mask: Array, num_noise: int,
+                           key: Array) -> tuple[Array, Array, Array]:
+    """Insert ``num_noise`` pure-noise slots (gate mask 0) among a bag's tokens, at random places.
+
+    A reader trained on short bags whose every token passes the gate (N <= k) never meets the
+    hundreds of noise tokens the Soft Top-K leaves in a whole slide; these slots show it them. Real
+    tokens keep their order; padding stays padding; the new slots are valid tokens whose features
+    are 0 (the gate replaces them by noise whatever they hold).
+
+    Args:
+      x: [B, N, D] features; alpha: [B, N] gate mask; mask: [B, N] validity; key: PRNG key.
+    Returns:
+      (x [B, N + P, D], alpha [B, N + P], mask [B, N + P]) with P = ``num_noise``.
+    """
+    b, n = alpha.shape
+    slots = n + num_noise
+    order = jnp.argsort(jax.random.uniform(key, (b, slots)), axis=1)
+    rows = jnp.arange(b)[:, None]
+    is_real = jnp.zeros((b, slots), bool).at[rows, order[:, :n]].set(True)
+    src = jnp.clip(jnp.cumsum(is_real, axis=1) - 1, 0, n - 1)  # the real token each real slot holds
+    x_out = jnp.where(is_real[..., None], jnp.take_along_axis(x, src[..., None], axis=1), 0).astype(x.dtype)
+    alpha_out = jnp.where(is_real, jnp.take_along_axis(alpha, src, axis=1), 0.0).astype(alpha.dtype)
+    mask_out = jnp.where(is_real, jnp.take_along_axis(mask, src, axis=1), True)
+    return x_out, alpha_out, mask_out
+
+
 class VPNoiseGate(nnx.Module):
     """Replaces dropped tokens by isotropic noise while preserving feature variance.
 
