@@ -55,6 +55,20 @@ def test_report_folder_has_every_file_and_selector(first_run):
         assert sum(v["n"] for v in by.values()) == n_test, sel
         assert abs(sum(v["n"] * v["accuracy"] for v in by.values()) / n_test - r["accuracy"]) < 1e-9, sel
     assert "Per answer (accuracy % / evidence recall@32" in summary
+    # Where the scorer ranks each structure: every evidence patch of the test slides is counted once.
+    ranks = results["scorer_ranks"]
+    assert "Where the learned scorer ranks each structure" in summary
+    test_slides = {r["Slide"] for r in csv.DictReader(open(out / "bench" / "questions" / "test.csv"))}
+    import h5py
+
+    n_evidence = 0
+    for sid in test_slides:
+        with h5py.File(out / "features" / f"{sid}.h5") as f:
+            n_evidence += int(np.asarray(f["evidence"], bool).sum())
+    assert sum(r["patches"] for r in ranks.values() if r["role"] == "evidence") == n_evidence > 0
+    for r in ranks.values():
+        assert r["role"] in ("evidence", "look-alike") and 0 <= r["rank_fraction_median"] <= 1
+        assert 0 <= r["in_top_32"] <= 1 and r["rank_median"] >= 0
     # The oracle sees every evidence token; 'all' sees every token; the others at most k.
     assert ev["oracle"]["evidence_recall"] == 1.0 and ev["all"]["evidence_recall"] == 1.0
     assert ev["random"]["tokens_shown_mean"] == 32 and ev["all"]["tokens_shown_mean"] > 32

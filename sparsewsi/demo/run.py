@@ -688,6 +688,56 @@ SELECTOR_NOTES = {
 }
 
 
+def scorer_ranks(config, paths: Paths) -> dict[str, dict[str, Any]]:
+    """Where the trained scorer ranks each kind of structure on the test slides.
+
+    Every patch holding an evidence focus or a look-alike distractor (from the benchmark's boxes) gets
+    its rank by score within its bag (0 = first). Per kind: its role (``evidence`` / ``look-alike``),
+    how many patches, the median rank, the median rank as a fraction of the bag, and the fraction
+    inside the top ``eval.k``. A kind the scorer never selects shows whether it sits just below the
+    budget or at the bottom of the bag (pushed down: Soft Top-K then gives it no gradient).
+    """
+    import h5py
+
+    from sparsewsi.demo.probe import ALL_KINDS, patch_kinds
+    from sparsewsi.demo.synthetic_slides import EVIDENCE_KINDS, KIND_NAMES, load_manifest
+    from sparsewsi.model.inference import _scores_jit
+
+    man = load_manifest(paths.bench)
+    inner, _ = load_predictor(config, paths)
+    k = int(config.eval.k)
+    ranks: dict[str, list[tuple[int, int]]] = {}
+    for entry in man["slides"]:
+        if entry.get("split") != "test":
+            continue
+        path = paths.features / f"{entry['slide_id']}.h5"
+        try:
+            rec = json.loads((paths.bench / entry["evidence_file"]).read_text())
+            with h5py.File(path, "r") as f:
+                feats = np.asarray(f["features"], np.float32)
+                coords = np.asarray(f["coords"])
+                a = f["coords"].attrs
+                ps = float(a.get("patch_size_level0_exact", a.get("patch_size_level0")))
+        except (OSError, KeyError, json.JSONDecodeError):
+            continue  # evaluation already reported unreadable bags
+        scores = np.asarray(_scores_jit(inner.model, feats[None], np.ones((1, len(feats)), bool)))[0]
+        rank = np.empty(len(scores), np.int64)
+        rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+        kinds = patch_kinds(coords, ps, rec)
+        for i in np.flatnonzero(kinds >= 0):
+            ranks.setdefault(ALL_KINDS[kinds[i]], []).append((int(rank[i]), len(scores)))
+    out = {}
+    for kind in ALL_KINDS:
+        if kind not in ranks:
+            continue
+        r = np.array(ranks[kind])
+        out[KIND_NAMES[kind][0]] = {
+            "role": "evidence" if kind in EVIDENCE_KINDS else "look-alike", "patches": len(r),
+            "rank_median": float(np.median(r[:, 0])), "rank_fraction_median": float(np.median(r[:, 0] / r[:, 1])),
+            f"in_top_{k}": float(np.mean(r[:, 0] < k))}
+    return out
+
+
 def _savefig(fig, path: pathlib.Path, dpi: int = 100) -> None:
     import matplotlib.pyplot as plt
 
@@ -920,7 +970,7 @@ def diagnosis(eval_info: dict[str, Any], margin: float = 0.1) -> list[str]:
 
 
 def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: dict[str, Any],
-                     pictures: dict[str, str], command: str) -> str:
+                     pictures: dict[str, str], command: str, ranks: dict[str, dict[str, Any]] | None = None) -> str:
     """The report's summary.md."""
     import platform
 
@@ -1010,6 +1060,14 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
                 rec = v.get("evidence_recall")
                 cells.append(f"{_pct(v.get('accuracy'))} / {'n/a' if rec is None else f'{rec:.2f}'}")
             lines.append(f"| {a} | {n} | " + " | ".join(cells) + " |")
+    if ranks:
+        lines += ["", f"Where the learned scorer ranks each structure in its bag (test slides; rank 0 = first, "
+                      f"top {k} selected):", "",
+                  f"| structure | role | patches | median rank | median rank / bag | in top {k} |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, r in ranks.items():
+            lines.append(f"| {name} | {r['role']} | {r['patches']} | {r['rank_median']:.0f} | "
+                         f"{r['rank_fraction_median']:.2f} | {r[f'in_top_{k}']:.2f} |")
     lines += ["", "Selectors: " + "; ".join(f"`{s}` {SELECTOR_NOTES.get(s, '')}"
                                             for s in ordered_selectors(config, eval_info)) + ".",
               "", "### Targets", ""]
@@ -1055,12 +1113,15 @@ def stage_report(config, paths: Paths, stages: dict[str, Any], command: str, log
     for p in maps:
         key = "heatmaps" if p.name == "heatmaps.png" else f"heatmap {p.stem}"
         pictures[key] = os.fspath(p.relative_to(rep))
+    ranks = scorer_ranks(config, paths)
     results = {"config_digest": config_digest(config), "seed": int(config.seed), "k": k, "eval": eval_info,
+               "scorer_ranks": ranks,
                "targets": [{"target": d, "met": m, "measured": g} for d, m, g in targets(eval_info)],
                "stages": {s: {kk: v for kk, v in r.items() if kk != "info"} for s, r in stages.items()}}
     write_json_atomic(rep / "results.json", results)
     # The report stage's own time is not known until it ends: the summary lists the stages before it.
-    atomic.write_text_atomic(rep / "summary.md", summary_markdown(config, paths, stages, eval_info, pictures, command))
+    atomic.write_text_atomic(rep / "summary.md",
+                             summary_markdown(config, paths, stages, eval_info, pictures, command, ranks))
     log(f"report: {rep / 'summary.md'}")
     return {"files": sorted(os.fspath(p.relative_to(rep)) for p in rep.rglob("*") if p.is_file())}
 
