@@ -98,7 +98,7 @@ def interleave_noise_slots(x: Array, alpha: Array, mask: Array, num_noise: int,
     """Insert ``num_noise`` pure-noise slots (gate mask 0) among a bag's tokens, at random places.
 
     A reader trained on short bags whose every token passes the gate (N <= k) never meets the
-    hundreds of noise tokens the Soft Top-K leaves in a whole slide; these slots show it them. Real
+    hundreds of noise tokens the Soft Top-K leaves in a whole slide; these slots stand in for them. Real
     tokens keep their order; padding stays padding; the new slots are valid tokens whose features
     are 0 (the gate replaces them by noise whatever they hold).
 
