@@ -688,7 +688,7 @@ SELECTOR_NOTES = {
 }
 
 
-def scorer_ranks(config, paths: Paths) -> dict[str, dict[str, Any]]:
+def scorer_ranks(config, paths: Paths, inner, log: Log = print) -> dict[str, dict[str, Any]]:
     """Where the trained scorer ranks each kind of structure on the test slides.
 
     Every patch holding an evidence focus or a look-alike distractor (from the benchmark's boxes) gets
@@ -696,6 +696,8 @@ def scorer_ranks(config, paths: Paths) -> dict[str, dict[str, Any]]:
     how many patches, the median rank, the median rank as a fraction of the bag, and the fraction
     inside the top ``eval.k``. A kind the scorer never selects shows whether it sits just below the
     budget or at the bottom of the bag (pushed down: Soft Top-K then gives it no gradient).
+    ``inner``: the trained model's predictor (:func:`load_predictor`). Unreadable slides are logged
+    and left out.
     """
     import h5py
 
@@ -704,7 +706,6 @@ def scorer_ranks(config, paths: Paths) -> dict[str, dict[str, Any]]:
     from sparsewsi.model.inference import _scores_jit
 
     man = load_manifest(paths.bench)
-    inner, _ = load_predictor(config, paths)
     k = int(config.eval.k)
     ranks: dict[str, list[tuple[int, int]]] = {}
     for entry in man["slides"]:
@@ -718,8 +719,9 @@ def scorer_ranks(config, paths: Paths) -> dict[str, dict[str, Any]]:
                 coords = np.asarray(f["coords"])
                 a = f["coords"].attrs
                 ps = float(a.get("patch_size_level0_exact", a.get("patch_size_level0")))
-        except (OSError, KeyError, json.JSONDecodeError):
-            continue  # evaluation already reported unreadable bags
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            log(f"scorer ranks: {entry['slide_id']} left out ({type(e).__name__}: {e})")
+            continue
         scores = np.asarray(_scores_jit(inner.model, feats[None], np.ones((1, len(feats)), bool)))[0]
         rank = np.empty(len(scores), np.int64)
         rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
@@ -837,9 +839,10 @@ def slide_thumbnail(slide_path: pathlib.Path, max_px: int) -> tuple[np.ndarray, 
     return out, ds / f
 
 
-def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, log: Log = print) -> list[pathlib.Path]:
+def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, inner, log: Log = print) -> list[pathlib.Path]:
     """One PNG per shown test slide (and ``heatmaps.png`` with all of them): the learned scores over
-    the thumbnail with the learned top-k, the random k and the true evidence marked."""
+    the thumbnail with the learned top-k, the random k and the true evidence marked (``inner``: the
+    trained model's predictor, :func:`load_predictor`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -853,7 +856,6 @@ def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, log: Log = p
 
     man = load_manifest(paths.bench)
     eval_set = load_eval_set(paths.bench / man["questions"]["test"])
-    inner, _ = load_predictor(config, paths)
     source = BagSource(paths.features, max_patches=None)
     k, seed = int(config.eval.k), int(config.eval.seed)
     by_slide = {s["slide_id"]: s for s in man["slides"]}
@@ -1109,11 +1111,12 @@ def stage_report(config, paths: Paths, stages: dict[str, Any], command: str, log
     if hist:
         training_curves(hist, rep / "training_curves.png")
         pictures["training curves"] = "training_curves.png"
-    maps = selection_heatmaps(config, paths, rep / "heatmaps", log=log)
+    inner, _ = load_predictor(config, paths)  # the trained model, loaded once for the pictures and the ranks
+    maps = selection_heatmaps(config, paths, rep / "heatmaps", inner, log=log)
     for p in maps:
         key = "heatmaps" if p.name == "heatmaps.png" else f"heatmap {p.stem}"
         pictures[key] = os.fspath(p.relative_to(rep))
-    ranks = scorer_ranks(config, paths)
+    ranks = scorer_ranks(config, paths, inner, log=log)
     results = {"config_digest": config_digest(config), "seed": int(config.seed), "k": k, "eval": eval_info,
                "scorer_ranks": ranks,
                "targets": [{"target": d, "met": m, "measured": g} for d, m, g in targets(eval_info)],
