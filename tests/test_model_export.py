@@ -24,13 +24,15 @@ def _randomise(model, seed=0):
         var[...] = var[...] + jnp.asarray(0.05 * rng.normal(size=var[...].shape), var[...].dtype)
 
 
-@pytest.mark.parametrize("kind,feature_norm", [("mlp", "token"), ("transformer", "token"), ("mlp", "bag"),
-                                               ("mlp", "bag_robust")])
-def test_torch_reference_matches_flax(tmp_path, kind, feature_norm):
+@pytest.mark.parametrize("kind,feature_norm,squares", [("mlp", "token", False), ("transformer", "token", False),
+                                                       ("mlp", "bag", False), ("mlp", "bag_robust", False),
+                                                       ("mlp", "bag_robust", True), ("transformer", "bag", True)])
+def test_torch_reference_matches_flax(tmp_path, kind, feature_norm, squares):
     tok = build_tiny_tokenizer()
     cfg = SparseWSIConfig(feature_dim=24, llm=tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1),
                           image_token_id=image_token_id(tok), k=5, scorer_kind=kind, scorer_hidden=32,
-                          scorer_depth=2, scorer_heads=4, projector_hidden=48, feature_norm=feature_norm)
+                          scorer_depth=2, scorer_heads=4, projector_hidden=48, feature_norm=feature_norm,
+                          scorer_squares=squares)
     llm = apply_lora(create_model(cfg.llm), LoRAConfig(rank=4, alpha=8.0))
     model = SparseWSI(cfg, llm)
     _randomise(model)

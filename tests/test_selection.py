@@ -391,6 +391,33 @@ def test_scorer_is_mask_aware_and_standardised(kind):
     np.testing.assert_allclose(np.asarray(model(x2, mask)[1, :25]), s1, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_scorer_squares_by_hand(kind):
+    """``squares``: the backbone also sees log1p(x^2) of its raw input (not of the LayerNorm output)."""
+    model = Scorer(6, kind=kind, hidden=8, depth=1, num_heads=2, squares=True, standardize=False, rngs=nnx.Rngs(1))
+    x = 3.0 * jax.random.normal(jax.random.key(2), (1, 10, 6))
+    b = model.backbone
+    if kind == "mlp":
+        assert b.fc1.kernel[...].shape == (12, 8)
+        h = jnp.concatenate([b.norm(x), jnp.log1p(x * x)], -1)
+        want = b.fc2(jax.nn.gelu(b.fc1(h), approximate=False))[..., 0]
+        np.testing.assert_allclose(np.asarray(model(x)), np.asarray(want), rtol=1e-5, atol=1e-6)
+        # With the weights on LayerNorm(x) zeroed only the squares remain: a patch and its mirror
+        # image across the slide's typical value (x -> -x) score alike.
+        b.fc1.kernel[...] = b.fc1.kernel[...].at[:6].set(0.0)
+        np.testing.assert_allclose(np.asarray(model(x)), np.asarray(model(-x)), rtol=1e-5, atol=1e-6)
+    else:
+        assert b.proj.kernel[...].shape == (12, 8)
+        plain = Scorer(6, kind=kind, hidden=8, depth=1, num_heads=2, standardize=False, rngs=nnx.Rngs(1))
+        plain.backbone.blocks = b.blocks
+        plain.backbone.norm, plain.backbone.head = b.norm, b.head
+        # The same network on the widened input: its projection of concat(x, log1p(x^2)).
+        plain.backbone.proj = nnx.Linear(12, 8, rngs=nnx.Rngs(0))
+        plain.backbone.proj.kernel[...], plain.backbone.proj.bias[...] = b.proj.kernel[...], b.proj.bias[...]
+        xs = jnp.concatenate([x, jnp.log1p(x * x)], -1)
+        np.testing.assert_allclose(np.asarray(model(x)), np.asarray(plain.backbone(xs)), rtol=1e-5, atol=1e-6)
+
+
 def test_cosine_temperature_schedule():
     assert float(cosine_temperature(0)) == pytest.approx(2.0)
     assert float(cosine_temperature(1000)) == pytest.approx(1.05)

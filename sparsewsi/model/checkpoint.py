@@ -85,7 +85,8 @@ def load_export(folder: str | os.PathLike, *, mesh=None, with_tokenizer: bool = 
     config = SparseWSIConfig(
         feature_dim=sel["feature_dim"], llm=llm_cfg, image_token_id=sel["image_token_id"], k=sel["k"],
         scorer_kind=sel["scorer_kind"], scorer_hidden=sel["scorer_hidden"], scorer_depth=sel["scorer_depth"],
-        scorer_heads=sel["scorer_heads"], projector_hidden=sel["projector_hidden"],
+        scorer_heads=sel["scorer_heads"], scorer_squares=bool(sel.get("scorer_squares", False)),
+        projector_hidden=sel["projector_hidden"],
         feature_norm=sel.get("feature_norm", "token"), denoiser=False)
     spec = ModelSpec(model=config, llm_path=str(llm_dir), tokenizer=str(llm_dir))
     model = build_model(spec, mesh=mesh)

@@ -25,6 +25,8 @@ class SparseWSIConfig:
         noise gate, denoiser and LLM. Tokens outside carry ~zero mask mass, hence only noise and ~zero
         gradient; the cap trades that for a cost that no longer grows with N in the LLM.
       scorer_kind / scorer_hidden / scorer_depth / scorer_heads: the scorer backbone (see ``Scorer``).
+      scorer_squares: the scorer also sees ``log1p(x^2)`` of the normalised features, i.e. how
+        atypical a patch is for its slide in each dimension, on either side (see ``Scorer``).
       tau_start / tau_end / tau_steps: cosine temperature schedule of the Soft Top-K (in units of the
         bag's score standard deviation, since scores are standardised per bag).
       denoiser: whether training uses the diagonal-attention denoiser after the noise gate.
@@ -52,6 +54,7 @@ class SparseWSIConfig:
     scorer_hidden: int = 256
     scorer_depth: int = 2
     scorer_heads: int = 8
+    scorer_squares: bool = False
     tau_start: float = 2.0
     tau_end: float = 0.1
     tau_steps: int = 2000

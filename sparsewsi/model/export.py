@@ -50,7 +50,8 @@ def selector_tensors(model: SparseWSI) -> dict[str, np.ndarray]:
 def selector_config(model: SparseWSI) -> dict:
     c = model.config
     return {"feature_dim": c.feature_dim, "scorer_kind": c.scorer_kind, "scorer_hidden": c.scorer_hidden,
-            "scorer_depth": c.scorer_depth, "scorer_heads": c.scorer_heads, "k": c.k,
+            "scorer_depth": c.scorer_depth, "scorer_heads": c.scorer_heads, "scorer_squares": c.scorer_squares,
+            "k": c.k,
             "projector_hidden": c.projector_hidden or c.llm.hidden_size, "llm_hidden_size": c.llm.hidden_size,
             "image_token_id": c.image_token_id, "image_token": "<image>", "feature_norm": c.feature_norm}
 

@@ -112,7 +112,7 @@ class SparseWSI(nnx.Module):
         d = config.feature_dim
         self.config = config
         self.scorer = Scorer(d, config.scorer_kind, hidden=config.scorer_hidden, depth=config.scorer_depth,
-                             num_heads=config.scorer_heads, rngs=rngs)
+                             num_heads=config.scorer_heads, squares=config.scorer_squares, rngs=rngs)
         self.noise_gate = VPNoiseGate(normalize=True)
         self.denoiser = DiagonalDenoiser(d, rngs=rngs) if config.denoiser else nnx.data(None)
         self.projector = Projector(d, config.projector_hidden or config.llm.hidden_size, config.llm.hidden_size,

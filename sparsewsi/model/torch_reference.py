@@ -26,15 +26,23 @@ from torch.nn import functional as F
 LN_EPS = 1e-6  # flax LayerNorm's default (torch's is 1e-5)
 
 
+def with_squares(x):
+    return torch.cat([x, torch.log1p(x * x)], dim=-1)
+
+
 class MLPScorer(nn.Module):
-    def __init__(self, in_features: int, hidden: int):
+    def __init__(self, in_features: int, hidden: int, squares: bool = False):
         super().__init__()
+        self.squares = squares
         self.norm = nn.LayerNorm(in_features, eps=LN_EPS)
-        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc1 = nn.Linear(in_features * (2 if squares else 1), hidden)
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, x, mask):
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))[..., 0]
+        h = self.norm(x)
+        if self.squares:
+            h = torch.cat([h, torch.log1p(x * x)], dim=-1)
+        return self.fc2(F.gelu(self.fc1(h)))[..., 0]
 
 
 class EncoderBlock(nn.Module):
@@ -60,27 +68,29 @@ class EncoderBlock(nn.Module):
 
 
 class TransformerScorer(nn.Module):
-    def __init__(self, in_features: int, width: int, depth: int, num_heads: int):
+    def __init__(self, in_features: int, width: int, depth: int, num_heads: int, squares: bool = False):
         super().__init__()
-        self.proj = nn.Linear(in_features, width)
+        self.squares = squares
+        self.proj = nn.Linear(in_features * (2 if squares else 1), width)
         self.blocks = nn.ModuleList([EncoderBlock(width, num_heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.head = nn.Linear(width, 1)
 
     def forward(self, x, mask):
-        h = self.proj(x)
+        h = self.proj(with_squares(x) if self.squares else x)
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.norm(h))[..., 0]
 
 
 class Scorer(nn.Module):
-    def __init__(self, in_features: int, kind: str, hidden: int, depth: int, num_heads: int, standardize: bool = True):
+    def __init__(self, in_features: int, kind: str, hidden: int, depth: int, num_heads: int, standardize: bool = True,
+                 squares: bool = False):
         super().__init__()
         if kind == "mlp":
-            self.backbone = MLPScorer(in_features, hidden)
+            self.backbone = MLPScorer(in_features, hidden, squares)
         elif kind == "transformer":
-            self.backbone = TransformerScorer(in_features, hidden, depth, num_heads)
+            self.backbone = TransformerScorer(in_features, hidden, depth, num_heads, squares)
         else:
             raise ValueError(f"unknown scorer kind {kind!r}")
         self.standardize = standardize
@@ -159,7 +169,7 @@ class SparseWSISelector(nn.Module):
         self.config = dict(config)
         c = self.config
         self.scorer = Scorer(c["feature_dim"], c["scorer_kind"], c["scorer_hidden"], c["scorer_depth"],
-                             c["scorer_heads"])
+                             c["scorer_heads"], squares=bool(c.get("scorer_squares", False)))
         self.projector = Projector(c["feature_dim"], c["projector_hidden"], c["llm_hidden_size"])
 
     @classmethod

@@ -36,7 +36,7 @@ from sparsewsi.training.step import init_state, make_train_step, memory_report
 log = logging.getLogger(__name__)
 
 MODEL_FIELDS = ("feature_dim", "k", "candidate_cap", "scorer_kind", "scorer_hidden", "scorer_depth", "scorer_heads",
-                "tau_start", "tau_end", "tau_steps", "denoiser", "projector_hidden", "feature_norm", "score_noise",
+                "scorer_squares", "tau_start", "tau_end", "tau_steps", "denoiser", "projector_hidden", "feature_norm", "score_noise",
                 "noise_slots", "llm_seed", "seed")
 
 
