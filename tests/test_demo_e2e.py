@@ -76,12 +76,16 @@ def test_report_folder_has_every_file_and_selector(first_run):
     assert len(list((out / "features").glob("SYN-*.h5"))) == 6
     assert (out / "train" / "model.json").is_file() and demo.latest_step(out / "train") == 4
     assert demo.latest_step(out / "align") == 2  # the alignment stage ran and seeded the SparseLearn run
-    # Region bags: every evidence patch of the slide plus random ones, `tokens` in all, slide order.
+    # Region bags: every evidence and look-alike patch of the slide plus random ones, `tokens` in all,
+    # slide order.
     import h5py
+
+    from sparsewsi.demo.synthetic_slides import evidence_labels
 
     align_rows = list(csv.DictReader(open(out / "bench" / "questions" / "align.csv")))
     train_slides = {r["Slide"] for r in csv.DictReader(open(out / "bench" / "questions" / "train.csv"))}
     assert {r["Slide"].rsplit("-r", 1)[0] for r in align_rows} == train_slides
+    n_lookalike = 0
     for region in sorted({r["Slide"] for r in align_rows}):
         slide = region.rsplit("-r", 1)[0]
         with h5py.File(out / "regions" / f"{region}.h5") as f, h5py.File(out / "features" / f"{slide}.h5") as g:
@@ -90,12 +94,18 @@ def test_report_folder_has_every_file_and_selector(first_run):
             assert len(coords) == min(32, len(full_coords)) and ev.sum() == full_ev.sum() >= 1
             rows = [np.flatnonzero((full_coords == c).all(1))[0] for c in coords]
             assert rows == sorted(rows)
+            rec = json.loads((out / "bench" / "evidence" / f"{slide}.json").read_text())
+            look = evidence_labels(full_coords, float(g["coords"].attrs["patch_size_level0_exact"]),
+                                   [d["box"] for d in rec["distractors"]]) if rec["distractors"] else np.zeros(0, int)
+            assert set(np.flatnonzero(look)) <= set(rows)
+            n_lookalike += int(look.sum())
             # Normalised with the whole slide's median / MAD (what the model does to the slide), not the bag's.
             full = np.asarray(g["features"], np.float64)
             med = np.median(full, 0)
             scale = 1.4826 * np.median(np.abs(full - med), 0) + 1e-6
             assert f["features"].attrs["slide_norm"] == "bag_robust"
             np.testing.assert_allclose(np.asarray(f["features"]), ((full - med) / scale)[rows], rtol=1e-4, atol=1e-4)
+    assert n_lookalike > 0  # the demo's `align.lookalikes` is on
     # ... so the alignment stage reads them without a second (bag) normalisation.
     assert json.loads((out / "align" / "model.json").read_text())["model"]["feature_norm"] == "token"
     assert json.loads((out / "train" / "model.json").read_text())["model"]["feature_norm"] == "bag_robust"

@@ -5,7 +5,8 @@
     annotate  per-patch ``evidence`` flags added to each bag (read by the oracle and evidence recall)
     dataset   training questions (+ option-order augmentation of the training split) -> TFDS dataset
               (``data_pipelines`` ``synthetic_slidebench`` builder); region bags (a training slide's
-              evidence patches + random ones) and their questions -> the alignment dataset
+              evidence patches, with ``align.lookalikes`` its look-alike patches, + random ones) and
+              their questions -> the alignment dataset
     align     stage 1: projector + tiny LLM learn to read visual tokens on the region bags
     train     stage 2, from the aligned weights: SparseWSI (scorer -> Soft Top-K + VP noise gate +
               denoiser -> projector -> tiny LLM) with SparseLearn on whole slides, through the trainer
@@ -343,7 +344,8 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     a = config.align
     if int(a.steps) > 0:
         region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), int(a.tokens), int(config.seed), log,
-                                        feature_norm=str(config.train.model.feature_norm))
+                                        feature_norm=str(config.train.model.feature_norm),
+                                        lookalikes=bool(config.align.get("lookalikes", False)))
         align_csv = qdir / "align.csv"
         write_csv_atomic(align_csv, region_rows, CSV_COLUMNS)
         ab = build("synthetic_slidebench", {"train": align_csv}, features_root=paths.regions,
@@ -378,7 +380,7 @@ def region_feature_norm(feature_norm: str) -> str:
 
 
 def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_slide: int, tokens: int, seed: int,
-                      log: Log = print, feature_norm: str = "token") -> list[dict[str, str]]:
+                      log: Log = print, feature_norm: str = "token", lookalikes: bool = False) -> list[dict[str, str]]:
     """Region bags for the alignment stage and their questions (training slides only).
 
     A region bag holds ``tokens`` patches of one training slide: all of its evidence patches plus
@@ -388,6 +390,10 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     image-text pairs (ROI captions): the LLM learns to read visual tokens from short bags; it never
     tells the scorer where evidence is (the scorer gets no gradient here: with N <= k every token
     has mask 1).
+
+    With ``lookalikes`` every bag also holds all of the slide's look-alike patches (the distractors
+    of ``bench/evidence/<slide>.json``, which a random fill rarely draws): the reader then learns to
+    tell evidence from its look-alikes, which a scorer that selects every atypical patch shows it.
 
     With a bag normalisation (``feature_norm`` "bag" / "bag_robust") the region's features are
     written already normalised with the statistics of the *whole slide* (attribute ``slide_norm`` on
@@ -417,6 +423,17 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
             continue
         ev = np.flatnonzero(evidence)
         rest = np.flatnonzero(~evidence)
+        if lookalikes:
+            from sparsewsi.demo.synthetic_slides import evidence_labels
+
+            rec = json.loads((paths.bench / "evidence" / f"{slide}.json").read_text())
+            boxes = [d["box"] for d in rec["distractors"]]
+            look = np.zeros_like(evidence)
+            if boxes:
+                look = evidence_labels(coords, float(coord_attrs["patch_size_level0_exact"]), boxes) & ~evidence
+            # Kept in every bag after the evidence, as many as fit in `tokens`.
+            ev = np.concatenate([ev, np.flatnonzero(look)[:max(tokens - len(ev), 0)]]).astype(ev.dtype)
+            rest = np.flatnonzero(~(evidence | look))
         normed = None
         for j in range(regions_per_slide):
             name = f"{slide}-r{j}"
@@ -529,6 +546,7 @@ def _train(tcfg, workdir: pathlib.Path, log: Log, name: str) -> dict[str, Any]:
     return {"steps": int(last.get("step", 0)), "final_loss_mean_last10pct": float(np.mean([h["loss"] for h in hist[-n:]]))
             if hist else None, "final_tau": last.get("tau"), "batch_size": int(tcfg.batch_size),
             "model": {k: tcfg.model[k] for k in ("feature_dim", "k", "candidate_cap", "scorer_kind", "scorer_hidden",
+                                                 "scorer_squares",
                                                  "tau_start", "tau_end", "tau_steps", "projector_hidden")},
             "llm": dict(tcfg.llm.tiny), "lr": float(tcfg.optim.lr)}
 
@@ -1008,7 +1026,9 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"{config.dataset.option_orders} other option orders), {ds['test_questions']} test questions; "
         f"D = {ds['feature_dim']}; replies: {config.dataset.reply}"
         + (f"; {ds['align_questions']} region-bag questions ({config.align.regions_per_slide} bags of "
-           f"{config.align.tokens} tokens per training slide: its evidence patches + random ones)."
+           f"{config.align.tokens} tokens per training slide: its evidence patches"
+           f"{' and look-alike patches' if config.align.get('lookalikes', False) else ''} + random ones"
+           f"{f', among {config.align.noise_slots} pure-noise tokens in training' if config.align.get('noise_slots', 0) else ''})."
            if ds.get("align_questions") else "."),
         (f"5. **align** (stage 1): projector + tiny LLM {tr['llm']} (random init, built-in tokenizer) learn to read "
          f"visual tokens on the region bags: {al['steps']} steps of batch {al['batch_size']}, lr {al['lr']}; "
@@ -1016,7 +1036,7 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
          f"has mask 1); no location reaches the SparseLearn stage."
          if al.get("steps") else "5. **align**: off (`align.steps = 0`)."),
         f"6. **train** (stage 2): SparseWSI with SparseLearn on whole slides, from the aligned weights (scorer "
-        f"`{tr['model']['scorer_kind']}` -> Soft Top-K k = "
+        f"`{tr['model']['scorer_kind']}`{' on x and log1p(x^2)' if config.train.model.get('scorer_squares', False) else ''} -> Soft Top-K k = "
         f"{tr['model']['k']} over a candidate cap of {tr['model']['candidate_cap']} -> VP noise gate -> diagonal "
         f"denoiser -> projector -> LLM), {tr['steps']} steps of "
         f"batch {tr['batch_size']}, lr {tr['lr']} (scales by parameter: "
