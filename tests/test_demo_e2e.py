@@ -201,3 +201,35 @@ def test_align_config_trains_everything_on_region_bags_with_noise_slots(tmp_path
     assert t.data.path == "/data/align" and t.data.features_root == str(tmp_path / "regions")
     assert t.optim.param_groups == [(r".*", 1.0)] and t.total_steps == c.align.steps
     assert demo.train_config(c, demo.Paths(tmp_path), info).model.get("noise_slots", 0) == 0  # stage 2: off
+
+
+def test_region_bags_keep_lookalikes_and_skip_a_slide_without_its_record(tmp_path):
+    """``lookalikes``: every bag holds the slide's look-alike patches; a slide whose benchmark record
+    is missing is reported by path and skipped, and the other slides' bags are still written."""
+    import h5py
+
+    paths = demo.Paths(tmp_path)
+    paths.features.mkdir(parents=True)
+    (paths.bench / "evidence").mkdir(parents=True)
+    coords = np.stack(np.meshgrid(np.arange(8) * 100, np.arange(8) * 100), -1).reshape(-1, 2)  # 64 patches
+    evidence = np.zeros(64, np.uint8)
+    evidence[[3, 40]] = 1
+    for sid in ("S1", "S2"):
+        with h5py.File(paths.features / f"{sid}.h5", "w") as f:
+            f.create_dataset("features", data=np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32))
+            f.create_dataset("coords", data=coords).attrs["patch_size_level0_exact"] = 100.0
+            f.create_dataset("evidence", data=evidence)
+    # Look-alikes at patches (2, 1) and (5, 6) of the grid: rows 1*8+2 = 10 and 6*8+5 = 53.
+    record = {"distractors": [{"kind": "vessel", "box": [210, 110, 290, 190]},
+                              {"kind": "adipocytes", "box": [510, 610, 590, 690]}]}
+    (paths.bench / "evidence" / "S1.json").write_text(json.dumps(record))
+    rows = [{"ID": f"{sid}-kind", "Slide": sid, "Answer": "A"} for sid in ("S1", "S2")]
+    logs = []
+    out = demo.write_region_bags(paths, rows, regions_per_slide=2, tokens=8, seed=0, log=logs.append,
+                                 lookalikes=True)
+    assert sorted(r["Slide"] for r in out) == ["S1-r0", "S1-r1"]
+    assert any("S2.json" in m and "skipped" in m for m in logs)
+    for j in range(2):
+        with h5py.File(paths.regions / f"S1-r{j}.h5") as f:
+            got = [int(np.flatnonzero((coords == c).all(1))[0]) for c in np.asarray(f["coords"])]
+        assert len(got) == 8 and {3, 40, 10, 53} <= set(got)

@@ -426,8 +426,13 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
         if lookalikes:
             from sparsewsi.demo.synthetic_slides import evidence_labels
 
-            rec = json.loads((paths.bench / "evidence" / f"{slide}.json").read_text())
-            boxes = [d["box"] for d in rec["distractors"]]
+            rec_path = paths.bench / "evidence" / f"{slide}.json"
+            try:
+                boxes = [d["box"] for d in json.loads(rec_path.read_text())["distractors"]]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log(f"dataset: {rec_path}: cannot read the look-alike boxes ({type(e).__name__}: {e}); "
+                    "slide skipped for the region bags")
+                continue
             look = np.zeros_like(evidence)
             if boxes:
                 look = evidence_labels(coords, float(coord_attrs["patch_size_level0_exact"]), boxes) & ~evidence
