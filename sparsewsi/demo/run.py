@@ -405,6 +405,8 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     """
     import h5py
 
+    from sparsewsi.demo.synthetic_slides import evidence_labels
+
     paths.regions.mkdir(parents=True, exist_ok=True)
     by_slide: dict[str, list[dict[str, str]]] = {}
     for row in rows:
@@ -424,8 +426,6 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
         ev = np.flatnonzero(evidence)
         rest = np.flatnonzero(~evidence)
         if lookalikes:
-            from sparsewsi.demo.synthetic_slides import evidence_labels
-
             rec_path = paths.bench / "evidence" / f"{slide}.json"
             try:
                 boxes = [d["box"] for d in json.loads(rec_path.read_text())["distractors"]]

@@ -26,8 +26,8 @@ from torch.nn import functional as F
 LN_EPS = 1e-6  # flax LayerNorm's default (torch's is 1e-5)
 
 
-def with_squares(x):
-    return torch.cat([x, torch.log1p(x * x)], dim=-1)
+def squares(x):
+    return torch.log1p(x * x)
 
 
 class MLPScorer(nn.Module):
@@ -41,7 +41,7 @@ class MLPScorer(nn.Module):
     def forward(self, x, mask):
         h = self.norm(x)
         if self.squares:
-            h = torch.cat([h, torch.log1p(x * x)], dim=-1)
+            h = torch.cat([h, squares(x)], dim=-1)
         return self.fc2(F.gelu(self.fc1(h)))[..., 0]
 
 
@@ -77,7 +77,7 @@ class TransformerScorer(nn.Module):
         self.head = nn.Linear(width, 1)
 
     def forward(self, x, mask):
-        h = self.proj(with_squares(x) if self.squares else x)
+        h = self.proj(torch.cat([x, squares(x)], dim=-1) if self.squares else x)
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.norm(h))[..., 0]
