@@ -17,7 +17,8 @@ evidence kind          look-alike distractor        shared colour / differing te
 =====================  ===========================  =============================================
 keratin pearl          haemorrhage                  red-orange; concentric lamellae vs packed red cells
 psammoma body          lymphoid aggregate           dark blue-purple; laminated spheres vs dense dots
-signet-ring cells      adipocytes                   pale vacuoles; crescent nuclei vs empty fat cells
+signet-ring cells      adipocytes                   pale vacuoles; small cells with crescent nuclei
+                                                    vs large empty fat cells in thin septa
 giant cell             vessel                       pink with peripheral nuclei; solid vs hollow ring
 =====================  ===========================  =============================================
 """
@@ -276,12 +277,18 @@ def render_stamp(kind: str, rng: np.random.Generator, diameter: int) -> tuple[np
         e = np.full((d, d), 0.2, np.float32)
         alpha = _blob_alpha(rng, d, 0.15)
     elif kind == "adipocytes":
-        # Large empty fat vacuoles with thin pink membranes: pale like signet rings, no nuclei.
-        e, h = np.full((d, d), 0.45, np.float32), np.full((d, d), 0.06, np.float32)
-        for cy, cx, rr in _place_round(rng, d, 8, (0.15 * d, 0.22 * d), 1.0, 1.5):
-            p = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-            e = np.where(p < rr - 1.0, 0.02, e)
-            h = np.where(p < rr - 1.0, 0.01, h)
+        # Packed fat cells: large clear polygonal vacuoles (~3 across the structure, several times a
+        # signet cell) split by thin pink septa ("chicken wire"), a rare flat nucleus on a septum.
+        # Pale like signet-ring cells; the texture differs (few large empty cells, no crescents).
+        n = 3
+        gy, gx = np.meshgrid((np.arange(n) + 0.5) * d / n, (np.arange(n) + 0.5) * d / n, indexing="ij")
+        seeds = np.stack([gy.ravel(), gx.ravel()], 1) + rng.uniform(-0.3, 0.3, (n * n, 2)) * d / n
+        dist = np.sort(np.sqrt((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2), axis=-1)
+        septum = np.clip(1.0 - (dist[..., 1] - dist[..., 0]) / 2.5, 0, 1)
+        e = 0.03 + 0.55 * septum
+        h = 0.01 + 0.05 * septum
+        flat = _jittered_nuclei(rng, (d, d), 14, 0.2, (1.4, 1.8), elong=(1.8, 2.4), angle=None) * (septum > 0.3)
+        h = np.maximum(h, 0.9 * flat)
         alpha = _blob_alpha(rng, d, 0.1)
     elif kind == "vessel":
         # A pink muscular wall around a lumen with a few red cells and flat endothelial nuclei.
