@@ -214,6 +214,41 @@ def test_question_options_fixed_order_and_kind_only():
         dataclasses.replace(base, option_order="sorted").validate()
 
 
+def test_none_option_plans_questions_and_an_evidence_free_slide(tmp_path):
+    """``none_option``: evidence-free slides as frequent as each kind, stratified; their question's answer is
+    "none of these" (the last fixed option), with no counting question; the slide file holds look-alikes only."""
+    kinds = ("keratin_pearl", "signet_ring", "psammoma_body")
+    cfg = dataclasses.replace(ss.PRESETS["demo"], kinds=kinds, none_option=True, option_order="fixed",
+                              questions=("kind", "count"))
+    plans = ss.plan_slides(cfg)
+    per_answer = collections.Counter(p.kind for p in plans)
+    assert set(per_answer) == set(kinds) | {ss.NONE_KIND} and max(per_answer.values()) - min(per_answer.values()) <= 1
+    assert {p.count for p in plans if p.kind == ss.NONE_KIND} == {0}
+    for answer in per_answer:
+        of = [p for p in plans if p.kind == answer]
+        assert sum(p.split == "test" for p in of) == ss.num_test_slides(cfg.test_fraction, len(of))
+    none_plan = next(p for p in plans if p.kind == ss.NONE_KIND)
+    (row,) = ss.slide_questions(none_plan, cfg)  # no counting question: nothing to count
+    assert [row[k] for k in "ABCD"] == [KIND_NAMES[k][0] for k in kinds] + [ss.NONE_OPTION] and row["Answer"] == "D"
+    kind_plan = next(p for p in plans if p.kind == "signet_ring")
+    rows = ss.slide_questions(kind_plan, cfg)
+    assert [r["Narrow Category"] for r in rows] == [ss.NARROW_KIND, ss.NARROW_COUNT] and rows[0]["Answer"] == "B"
+    two = ss.slide_questions(none_plan, dataclasses.replace(cfg, kinds=kinds[:1]))[0]  # fewer than four options
+    assert [two[k] for k in "ABCD"] == [KIND_NAMES[kinds[0]][0], ss.NONE_OPTION, "", ""]
+
+    small = dataclasses.replace(TEST_CFG, kinds=kinds, none_option=True)
+    plan = next(p for p in ss.plan_slides(small) if p.kind == ss.NONE_KIND)
+    rec = ss.generate_slide(plan, small, tmp_path)
+    assert rec["evidence"] == [] and rec["count"] == 0 and rec["kind_name"] == ss.NONE_OPTION
+    assert len(rec["distractors"]) >= small.distractors[0]
+    with pytest.raises(ss.BenchmarkConfigError, match="kinds.*four options"):
+        dataclasses.replace(cfg, kinds=EVIDENCE_KINDS).validate()
+    with pytest.raises(ss.BenchmarkConfigError, match="kinds"):
+        dataclasses.replace(cfg, kinds=("keratin_pearl", "keratin_pearl")).validate()
+    with pytest.raises(ss.BenchmarkConfigError, match="kinds"):
+        dataclasses.replace(cfg, kinds=("haemorrhage",)).validate()
+
+
 def test_evidence_labels_geometry():
     coords = np.array([[0, 0], [100, 0], [0, 100], [100, 100]])
     inside = ss.evidence_labels(coords, 100, [[10, 10, 60, 60]])

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -181,7 +182,7 @@ class StageTimer:
 
 def benchmark_config(config):
     """The :class:`~sparsewsi.demo.synthetic_slides.BenchmarkConfig` the demo config describes."""
-    from sparsewsi.demo.synthetic_slides import BenchmarkConfig
+    from sparsewsi.demo.synthetic_slides import EVIDENCE_KINDS, BenchmarkConfig
 
     s = config.slides
     return BenchmarkConfig(
@@ -191,7 +192,8 @@ def benchmark_config(config):
         distractors=tuple(int(v) for v in s.distractors), max_evidence_fraction=float(s.max_evidence_fraction),
         focus_size=tuple(float(v) for v in s.focus_size), svs_every=int(s.svs_every), tile=int(s.tile),
         jpeg_quality=int(s.jpeg_quality), option_order=str(s.get("option_order", "shuffled")),
-        questions=tuple(str(q) for q in s.get("questions", ("kind", "count"))))
+        questions=tuple(str(q) for q in s.get("questions", ("kind", "count"))),
+        kinds=tuple(str(k) for k in s.get("kinds", EVIDENCE_KINDS)), none_option=bool(s.get("none_option", False)))
 
 
 def stage_slides(config, paths: Paths, log: Log = print) -> dict[str, Any]:
@@ -204,10 +206,12 @@ def stage_slides(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     if not man["slides"]:
         raise DemoError(f"{paths.bench}: no slide could be generated ({man['failed'][:3]})")
     tissue = [s["tissue_patches"] for s in man["slides"]]
-    frac = [s["evidence_fraction"] for s in man["slides"]]
+    frac = [s["evidence_fraction"] for s in man["slides"] if s["count"] > 0] or [0.0]  # slides with evidence
     return {"config_digest": man["config_digest"], "slides": man["num_slides"], "questions": man["num_questions"],
             "failed": man["failed"], "tissue_patches": [int(min(tissue)), int(np.mean(tissue)), int(max(tissue))],
             "evidence_fraction_max": float(max(frac)), "evidence_fraction_mean": float(np.mean(frac)),
+            "kinds": list(man["evidence_kinds"].values()), "none_option": man.get("none_option"),
+            "evidence_free_slides": sum(s["count"] == 0 for s in man["slides"]),
             "formats": {f: sum(s["format"] == f for s in man["slides"]) for f in ("svs", "tiff")}}
 
 
@@ -370,7 +374,20 @@ def slide_normalized(features: np.ndarray, feature_norm: str) -> np.ndarray:
     from sparsewsi.selection.sparselearn import standardize_bag, standardize_bag_robust
 
     fn = standardize_bag_robust if feature_norm == "bag_robust" else standardize_bag
-    return np.asarray(fn(jnp.asarray(features, jnp.float32)[None]))[0]
+    # Padded (masked) to a multiple of 64 rows: one compilation per bucket, not one per bag size
+    # (per-size compiles took ~35 s of the demo's dataset stage).
+    n = len(features)
+    padded = np.zeros((-(-max(n, 1) // 64) * 64, features.shape[1]), np.float32)
+    padded[:n] = features
+    valid = np.arange(len(padded)) < n
+    return np.asarray(_jit_norm(fn)(jnp.asarray(padded)[None], jnp.asarray(valid)[None]))[0, :n]
+
+
+@functools.cache
+def _jit_norm(fn):
+    import jax
+
+    return jax.jit(fn)
 
 
 def region_feature_norm(feature_norm: str) -> str:
@@ -625,6 +642,13 @@ def evidence_recall(selected: np.ndarray, evidence: np.ndarray) -> float:
     return float(np.isin(ev, selected).mean())
 
 
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    """Mean of the non-nan ``values``; None when there are none."""
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else None
+
+
 def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     """Evaluate every selector on the test questions (resumable runs under ``paths.eval``)."""
     from sparsewsi.evaluation.items import load_eval_set
@@ -682,11 +706,11 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
         out["selectors"][selector] = {
             "accuracy": ch.get("accuracy"), "n": ch.get("n"), "by_task": by_task,
             "unparseable": ch.get("unparseable"), "skipped": results["report"]["counts"]["skipped"],
-            "complete": results["complete"], "evidence_recall": float(np.nanmean(recalls)) if recalls else None,
+            # Over the questions whose slide has evidence (an evidence-free slide has no recall).
+            "complete": results["complete"], "evidence_recall": _mean_or_none(recalls),
             "tokens_shown_mean": float(np.mean(shown)) if shown else None,
             "by_answer": {ref: {"n": v["n"], "accuracy": v["accuracy"],
-                                "evidence_recall": float(np.nanmean(recall_by_answer[ref]))
-                                if recall_by_answer.get(ref) else None}
+                                "evidence_recall": _mean_or_none(recall_by_answer.get(ref, []))}
                           for ref, v in sorted((ch.get("breakdowns", {}).get("answer") or {}).items())},
             "evaluated_this_run": stats.evaluated, "seconds_this_run": round(time.perf_counter() - t0, 2),
             "baselines": ch.get("baselines", {}),
@@ -954,6 +978,18 @@ def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, inner, log: 
     return written
 
 
+def _kinds_sentence(config, slides_info: dict[str, Any]) -> str:
+    """'1-3 evidence foci of one of four kinds per slide' (+ the evidence-free slides), for the report."""
+    kinds = slides_info.get("kinds") or []
+    words = {1: "one", 2: "two", 3: "three", 4: "four"}
+    text = (f"1-{config.slides.max_foci} evidence foci of one of {words.get(len(kinds), len(kinds))} kinds per slide "
+            f"({', '.join(kinds)})" if kinds else f"1-{config.slides.max_foci} evidence foci of one kind per slide")
+    if slides_info.get("none_option"):
+        text += (f"; {slides_info.get('evidence_free_slides', 0)} slides hold none of them (look-alikes only; answer "
+                 f"\"{slides_info['none_option']}\")")
+    return text
+
+
 def _pct(x) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.1f}"
 
@@ -1017,8 +1053,9 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"1. **slides**: {sl['slides']['train'] + sl['slides']['test']} synthetic slides ({sl['slides']['train']} train, "
         f"{sl['slides']['test']} test; {sl['formats']['svs']} Aperio SVS, {sl['formats']['tiff']} pyramidal TIFF), "
         f"{sl['tissue_patches'][0]}-{sl['tissue_patches'][2]} tissue patches each (mean {sl['tissue_patches'][1]}); "
-        f"1-{config.slides.max_foci} evidence foci of one of four kinds per slide, at most "
-        f"{100 * sl['evidence_fraction_max']:.2f}% of the tissue patches (mean {100 * sl['evidence_fraction_mean']:.2f}%), "
+        + _kinds_sentence(config, sl) +
+        f", at most {100 * sl['evidence_fraction_max']:.2f}% of the tissue patches (mean "
+        f"{100 * sl['evidence_fraction_mean']:.2f}%), "
         f"plus {config.slides.distractors[0]}-{config.slides.distractors[1]} look-alike distractors; "
         f"{len(sl['failed'])} failed.",
         f"2. **extract**: `sparsewsi extract` code path, encoder `{ex['encoder']}` ({ex['weights']}), "

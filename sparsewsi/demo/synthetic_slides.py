@@ -1,12 +1,20 @@
 """A seeded synthetic sparse-evidence slide benchmark: real pyramidal SVS/TIFF slides + questions.
 
 Every slide is H&E-like tissue (irregular fragments of stroma and cellular sheets on white glass)
-with a few small *evidence* foci of one kind (keratin pearls, psammoma bodies, signet-ring cell
-clusters or multinucleated giant cells; 1 to ``max_foci`` of them, each inside one patch of the
+with a few small *evidence* foci of one kind (``kinds``: keratin pearls, psammoma bodies, signet-ring
+cell clusters, multinucleated giant cells; 1 to ``max_foci`` of them, each inside one patch of the
 design grid, so at most ``max_evidence_fraction`` of the tissue patches) and several *look-alike*
 distractors whose colour matches some evidence kind but whose texture does not
 (:mod:`sparsewsi.demo.render`). Multiple-choice questions per slide (``questions``) are answered
-by the evidence only: which structure is present (4 options) and/or how many foci there are.
+by the evidence only: which structure is present and/or how many foci there are.
+
+With ``none_option`` the identification question also offers "none of these", the answer of
+evidence-free slides (look-alikes only), which are as frequent as each kind. Why: when every slide
+holds exactly one of the kinds, a reader that recognises all kinds but one answers the last by
+elimination, so finding its evidence never pays and a learned selector leaves it out (measured on
+the demo: the signet-ring slides, answered by elimination, got evidence recall@32 0.17-0.46). With
+evidence-free slides, "nothing seen" means "none of these", and every kind must be seen to be named,
+as for a rare finding on real slides.
 
 Layout written under ``out_dir`` (all files written atomically; a rerun skips finished slides)::
 
@@ -50,6 +58,8 @@ from sparsewsi.demo.render import DISTRACTOR_KINDS, EVIDENCE_KINDS, KIND_NAMES
 BENCHMARK_NAME = "SyntheticSlideBench"
 FORMAT_VERSION = 1
 TUMOR = "SYN"  # the CSV's Tumor column (SlideChat-style feature layouts may use it as a folder)
+NONE_KIND = "none"  # the kind of an evidence-free slide (``none_option``)
+NONE_OPTION = "none of these"  # its answer
 CSV_COLUMNS = ("ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", "A", "B", "C", "D", "Answer")
 NARROW_KIND = "Structure identification"
 NARROW_COUNT = "Focus counting"
@@ -77,11 +87,14 @@ class BenchmarkConfig:
     Attributes:
       num_slides: slides to generate.
       seed: the only source of randomness; the same config gives byte-identical files.
-      test_fraction: fraction of each evidence kind's slides in the test split.
+      test_fraction: fraction of each answer's slides (each kind's; the evidence-free ones) in the test split.
       mpp: level-0 um/px written into the slides (0.5 = "20x").
       patch_size / target_mpp: the design grid (see the module docstring).
       tissue_patches: (min, max) design-grid patches of tissue per slide.
       max_foci: evidence foci per slide are 1..max_foci (balanced with the kinds).
+      kinds: the evidence kinds drawn (from :data:`EVIDENCE_KINDS`), in their fixed option order.
+      none_option: the identification question also offers "none of these", the answer of the
+        evidence-free slides (as many as of each kind; see the module docstring).
       distractors: (min, max) look-alike structures per slide.
       max_evidence_fraction: evidence patches / tissue patches never exceeds this.
       focus_size: (min, max) focus diameter as a fraction of the grid patch side.
@@ -109,6 +122,13 @@ class BenchmarkConfig:
     jpeg_quality: int = 85
     option_order: str = "shuffled"
     questions: tuple[str, ...] = ("kind", "count")
+    kinds: tuple[str, ...] = EVIDENCE_KINDS
+    none_option: bool = False
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The slide kinds a benchmark holds: ``kinds``, then :data:`NONE_KIND` with ``none_option``."""
+        return tuple(self.kinds) + ((NONE_KIND,) if self.none_option else ())
 
     @property
     def patch_px(self) -> int:
@@ -138,6 +158,11 @@ class BenchmarkConfig:
             bad("questions", "must name at least one of 'kind', 'count'")
         if self.option_order not in ("shuffled", "fixed"):
             bad("option_order", "must be 'shuffled' or 'fixed'")
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds) or set(self.kinds) - set(EVIDENCE_KINDS):
+            bad("kinds", f"must be distinct evidence kinds from {', '.join(EVIDENCE_KINDS)}")
+        if len(self.kinds) + bool(self.none_option) > 4:
+            bad("kinds", f"{len(self.kinds)} kinds{' + none of these' if self.none_option else ''} make more than "
+                         "four options (SlideBench questions have at most four)")
         lo, hi = self.tissue_patches
         if not 1 <= lo <= hi:
             bad("tissue_patches", "must be (min, max) with 1 <= min <= max")
@@ -210,11 +235,13 @@ def num_test_slides(fraction: float, n: int) -> int:
 
 
 def plan_slides(cfg: BenchmarkConfig) -> list[SlidePlan]:
-    """Kinds and counts balanced jointly (every (kind, count) pair as often as possible), test
-    split stratified by kind, formats alternating; all from ``cfg.seed``."""
+    """Kinds and counts balanced jointly (every (kind, count) pair as often as possible; evidence-free
+    slides, count 0, as often as each kind), test split stratified by kind, formats alternating;
+    all from ``cfg.seed``."""
     cfg.validate()
     rng = np.random.default_rng([cfg.seed, 0xB0A4D])
-    combos = [(k, c) for k in EVIDENCE_KINDS for c in range(1, cfg.max_foci + 1)]
+    combos = [(k, c) for k in cfg.kinds for c in range(1, cfg.max_foci + 1)]
+    combos += [(NONE_KIND, 0)] * (cfg.max_foci if cfg.none_option else 0)
     reps = -(-cfg.num_slides // len(combos))
     pairs = []
     for _ in range(reps):  # each round holds every pair once: balanced for any prefix of rounds
@@ -222,7 +249,7 @@ def plan_slides(cfg: BenchmarkConfig) -> list[SlidePlan]:
         pairs += [combos[i] for i in order]
     pairs = pairs[: cfg.num_slides]
     split = ["train"] * cfg.num_slides
-    for kind in EVIDENCE_KINDS:
+    for kind in cfg.answers:
         idx = [i for i, (k, _) in enumerate(pairs) if k == kind]
         n_test = num_test_slides(cfg.test_fraction, len(idx))
         for i in rng.permutation(idx)[:n_test]:
@@ -379,7 +406,7 @@ def render_slide(plan: SlidePlan, cfg: BenchmarkConfig) -> RenderedSlide:
         if plan.count > cfg.max_evidence_fraction * n_tissue:
             target = int(target * 1.15) + 1
             continue
-        ev_cells = _pick_cells(rng, interior, plan.count, [])
+        ev_cells = _pick_cells(rng, interior, plan.count, []) if plan.count else []
         n_dis = int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
         dis_cells = _pick_cells(rng, interior, n_dis, ev_cells)
         if len(ev_cells) == plan.count:
@@ -459,23 +486,31 @@ def render_slide(plan: SlidePlan, cfg: BenchmarkConfig) -> RenderedSlide:
 # Questions
 # --------------------------------------------------------------------------------------------
 
+def kind_name(kind: str) -> str:
+    """The answer text of a slide kind: the structure's name, or :data:`NONE_OPTION`."""
+    return NONE_OPTION if kind == NONE_KIND else KIND_NAMES[kind][0]
+
+
 def slide_questions(plan: SlidePlan, cfg: BenchmarkConfig) -> list[dict[str, str]]:
     """The slide's questions (``cfg.questions``) as CSV rows (keys :data:`CSV_COLUMNS`); a pure function of the plan.
 
-    * identification: which of the four evidence kinds is present (options shuffled per question,
-      or in :data:`EVIDENCE_KINDS` order with ``option_order="fixed"``);
+    * identification: which of the ``kinds`` is present, with ``none_option`` also "none of these"
+      (options shuffled per question, or in ``kinds`` order, "none of these" last, with
+      ``option_order="fixed"``; empty ``C``/``D`` when fewer than four, as in SlideBench);
     * counting: how many foci of the slide's kind (options ``1..max(3, max_foci)`` in order,
-      as words, so the answer letter follows the balanced count).
+      as words, so the answer letter follows the balanced count); not asked of evidence-free slides.
     """
     rng = np.random.default_rng([cfg.seed, plan.index, 0x9E57])
-    names = [KIND_NAMES[k][0] for k in EVIDENCE_KINDS]
+    names = [KIND_NAMES[k][0] for k in cfg.kinds] + ([NONE_OPTION] if cfg.none_option else [])
     order = rng.permutation(len(names))  # drawn either way: the rest of the slide's draws stay the same
     opts = names if cfg.option_order == "fixed" else [names[i] for i in order]
     letters = "ABCD"
-    ans = letters[opts.index(KIND_NAMES[plan.kind][0])]
+    ans = letters[opts.index(kind_name(plan.kind))]
     q1 = {"ID": f"{plan.slide_id}-kind", "Slide": plan.slide_id, "Tumor": TUMOR, "Broad Category": "Microscopy",
           "Narrow Category": NARROW_KIND, "Question": KIND_TEMPLATES[int(rng.integers(len(KIND_TEMPLATES)))],
-          **{letters[i]: opts[i] for i in range(4)}, "Answer": ans}
+          **{letters[i]: (opts[i] if i < len(opts) else "") for i in range(4)}, "Answer": ans}
+    if plan.kind == NONE_KIND:
+        return [q1] if "kind" in cfg.questions else []
     n_opts = max(3, cfg.max_foci)
     counts = [COUNT_WORDS[i] for i in range(1, n_opts + 1)]
     q2 = {"ID": f"{plan.slide_id}-count", "Slide": plan.slide_id, "Tumor": TUMOR, "Broad Category": "Microscopy",
@@ -573,7 +608,7 @@ def generate_slide(plan: SlidePlan, cfg: BenchmarkConfig, out_dir: os.PathLike |
         "format": plan.fmt,
         "width": W, "height": H, "mpp": cfg.mpp, "downsamples": list(ds),
         "split": plan.split,
-        "kind": plan.kind, "kind_name": KIND_NAMES[plan.kind][0], "count": plan.count,
+        "kind": plan.kind, "kind_name": kind_name(plan.kind), "count": plan.count,
         "grid": {"patch_size": cfg.patch_size, "target_mpp": cfg.target_mpp, "patch_px_level0": cfg.patch_px},
         "tissue_patches": rs.tissue_patches,
         "evidence_fraction": plan.count / max(rs.tissue_patches, 1),
@@ -689,7 +724,8 @@ def generate_benchmark(out_dir: os.PathLike | str, cfg: BenchmarkConfig = Benchm
         "format_version": FORMAT_VERSION,
         "config": cfg.to_json(),
         "config_digest": digest,
-        "evidence_kinds": {k: KIND_NAMES[k][0] for k in EVIDENCE_KINDS},
+        "evidence_kinds": {k: KIND_NAMES[k][0] for k in cfg.kinds},
+        "none_option": NONE_OPTION if cfg.none_option else None,
         "distractor_kinds": {k: KIND_NAMES[k][0] for k in DISTRACTOR_KINDS},
         "look_alike": render.LOOK_ALIKE,
         "grid": {"patch_size": cfg.patch_size, "target_mpp": cfg.target_mpp, "patch_px_level0": cfg.patch_px},
