@@ -286,7 +286,7 @@ def feature_dim(paths: Paths) -> int:
 def augment_questions(rows: Sequence[dict[str, str]], orders: int, seed: int) -> list[dict[str, str]]:
     """The training rows plus ``orders`` re-asked copies of every identification question.
 
-    A copy lists the same four options in another (seeded) order, with the answer letter moved
+    A copy lists the same options in another (seeded) order, with the answer letter moved
     with its option, so the model has to read the options rather than learn a letter per kind.
     Counting questions keep their natural order (one, two, three) and are not copied.
     """
@@ -979,15 +979,20 @@ def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, inner, log: 
 
 
 def _kinds_sentence(config, slides_info: dict[str, Any]) -> str:
-    """'1-3 evidence foci of one of four kinds per slide' (+ the evidence-free slides), for the report."""
+    """'1-3 evidence foci of one of four kinds per slide (...)', for the report."""
     kinds = slides_info.get("kinds") or []
     words = {1: "one", 2: "two", 3: "three", 4: "four"}
     text = (f"1-{config.slides.max_foci} evidence foci of one of {words.get(len(kinds), len(kinds))} kinds per slide "
             f"({', '.join(kinds)})" if kinds else f"1-{config.slides.max_foci} evidence foci of one kind per slide")
-    if slides_info.get("none_option"):
-        text += (f"; {slides_info.get('evidence_free_slides', 0)} slides hold none of them (look-alikes only; answer "
-                 f"\"{slides_info['none_option']}\")")
     return text
+
+
+def _none_sentence(slides_info: dict[str, Any]) -> str:
+    """'; 120 slides hold none of them (...)' when the benchmark has evidence-free slides, else ''."""
+    if not slides_info.get("none_option"):
+        return ""
+    return (f"; {slides_info.get('evidence_free_slides', 0)} slides hold none of them (answer "
+            f"\"{slides_info['none_option']}\")")
 
 
 def _pct(x) -> str:
@@ -1055,8 +1060,8 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"{sl['tissue_patches'][0]}-{sl['tissue_patches'][2]} tissue patches each (mean {sl['tissue_patches'][1]}); "
         + _kinds_sentence(config, sl) +
         f", at most {100 * sl['evidence_fraction_max']:.2f}% of the tissue patches (mean "
-        f"{100 * sl['evidence_fraction_mean']:.2f}%), "
-        f"plus {config.slides.distractors[0]}-{config.slides.distractors[1]} look-alike distractors; "
+        f"{100 * sl['evidence_fraction_mean']:.2f}%)" + _none_sentence(sl) + "; "
+        f"every slide has {config.slides.distractors[0]}-{config.slides.distractors[1]} look-alike distractors; "
         f"{len(sl['failed'])} failed.",
         f"2. **extract**: `sparsewsi extract` code path, encoder `{ex['encoder']}` ({ex['weights']}), "
         f"{ex['patch_size']} px patches at {ex['target_mpp']} um/px; {ex['bags']} bags, {len(ex['failed'])} failed"
