@@ -141,6 +141,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # as the recipe's stage 2 fine-tunes the LLM far more gently than the new modules: at full rate
         # it memorised the 360 training slides (training loss 0.08) and its reading of every evidence
         # patch fell from 95% to 71% on test slides; at 0.1 it stayed at 92-98%. (Alignment: all at 1.0.)
+        # With "none of these" (one seed, same aligned reader): at 0.3, learned / oracle % and recall@32
+        # 53.3 / 71.7 / 0.46, against 76.7 / 80.8 / 0.98 at 0.1.
         param_groups=[(r"llm\..*", 0.1), (r"projector\..*", 0.1), (r".*", 1.0)]))
     t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     t.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=False))
