@@ -247,6 +247,8 @@ def test_none_option_plans_questions_and_an_evidence_free_slide(tmp_path):
         dataclasses.replace(cfg, kinds=("keratin_pearl", "keratin_pearl")).validate()
     with pytest.raises(ss.BenchmarkConfigError, match="kinds"):
         dataclasses.replace(cfg, kinds=("haemorrhage",)).validate()
+    with pytest.raises(ss.BenchmarkConfigError, match="none_option"):
+        dataclasses.replace(cfg, questions=("count",)).validate()
 
 
 def test_evidence_labels_geometry():

@@ -87,7 +87,8 @@ class BenchmarkConfig:
     Attributes:
       num_slides: slides to generate.
       seed: the only source of randomness; the same config gives byte-identical files.
-      test_fraction: fraction of each answer's slides (each kind's; the evidence-free ones) in the test split.
+      test_fraction: fraction of each answer's slides (each kind's, the evidence-free ones) in the test
+        split.
       mpp: level-0 um/px written into the slides (0.5 = "20x").
       patch_size / target_mpp: the design grid (see the module docstring).
       tissue_patches: (min, max) design-grid patches of tissue per slide.
@@ -160,6 +161,8 @@ class BenchmarkConfig:
             bad("option_order", "must be 'shuffled' or 'fixed'")
         if not self.kinds or len(set(self.kinds)) != len(self.kinds) or set(self.kinds) - set(EVIDENCE_KINDS):
             bad("kinds", f"must be distinct evidence kinds from {', '.join(EVIDENCE_KINDS)}")
+        if self.none_option and "kind" not in self.questions:
+            bad("none_option", "evidence-free slides are asked only the identification question: add 'kind' to questions")
         if len(self.kinds) + bool(self.none_option) > 4:
             bad("kinds", f"{len(self.kinds)} kinds{' + none of these' if self.none_option else ''} make more than "
                          "four options (SlideBench questions have at most four)")
