@@ -17,8 +17,8 @@ evidence kind          look-alike distractor        shared colour / differing te
 =====================  ===========================  =============================================
 keratin pearl          haemorrhage                  red-orange; concentric lamellae vs packed red cells
 psammoma body          lymphoid aggregate           dark blue-purple; laminated spheres vs dense dots
-signet-ring cells      adipocytes                   pale vacuoles; small cells with crescent nuclei
-                                                    vs large empty fat cells in thin septa
+signet-ring cells      adipocytes                   pale vacuoles (fat whiter, as it is); small cells
+                                                    with crescent nuclei vs large empty fat cells
 giant cell             vessel                       pink with peripheral nuclei; solid vs hollow ring
 =====================  ===========================  =============================================
 """
