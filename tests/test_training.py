@@ -213,6 +213,36 @@ def test_optimizer_groups_schedule_and_accumulation():
     np.testing.assert_allclose(np.abs(u1["projector.w"]) / np.abs(u1["scorer.w"]), 10.0, rtol=1e-4)
 
 
+def test_optimizer_group_start_step_holds_a_group_still_until_then():
+    """A rule's third entry: the group's learning rate is 0 before that optimizer step, then its scale."""
+    import jax.numpy as jnp
+
+    from sparsewsi.training import make_optimizer
+    from sparsewsi.training.optimizer import start_of
+
+    rules = [(r"llm\..*", 0.5, 3), (r".*", 1.0)]
+    assert start_of("llm.w", rules) == 3 and start_of("scorer.w", rules) == 0
+    params = {"llm.w": jnp.ones(2), "scorer.w": jnp.ones(2)}
+    tx, _ = make_optimizer(params, rules, lr=0.1, warmup_steps=1, total_steps=10, clip_norm=None)
+    plain, _ = make_optimizer(params, [(r"llm\..*", 0.5), (r".*", 1.0)], lr=0.1, warmup_steps=1, total_steps=10,
+                              clip_norm=None)
+    state, ref = tx.init(params), plain.init(params)
+    g = {"llm.w": jnp.array([1.0, -2.0]), "scorer.w": jnp.array([0.5, 1.0])}
+    for step in range(5):
+        u, state = tx.update(g, state, params)
+        r, ref = plain.update(g, ref, params)
+        np.testing.assert_allclose(u["scorer.w"], r["scorer.w"], rtol=1e-6)
+        if step < 3:
+            assert float(jnp.abs(u["llm.w"]).max()) == 0.0
+        else:  # from the start step on, exactly the plain group's update (Adam's moments gathered meanwhile)
+            np.testing.assert_allclose(u["llm.w"], r["llm.w"], rtol=1e-6)
+            assert float(jnp.abs(u["llm.w"]).max()) > 0
+    with pytest.raises(ValueError, match="expected"):
+        make_optimizer(params, [(r".*", 1.0, 0, 4)], lr=0.1, warmup_steps=1, total_steps=10)
+    with pytest.raises(ValueError, match="start step"):
+        start_of("x", [(r".*", 1.0, -1)])
+
+
 @pytest.mark.parametrize("name,arg", [("tiny", ""), ("stage1_caption", "runlocal"), ("stage2_vqa", "runlocal"),
                                       ("stage2_vqa", "full,runlocal")])
 def test_configs_build_a_model_spec_and_document_their_launch(name, arg):

@@ -1036,6 +1036,12 @@ def diagnosis(eval_info: dict[str, Any], margin: float = 0.1) -> list[str]:
     return out
 
 
+def _group_text(rule) -> str:
+    """One param_groups rule in words: ``(regex, scale[, start_step])``."""
+    text = f"`{rule[0]}` {'frozen' if rule[1] is None else rule[1]}"
+    return text + (f" from step {rule[2]}" if len(rule) > 2 and rule[2] else "")
+
+
 def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: dict[str, Any],
                      pictures: dict[str, str], command: str, ranks: dict[str, dict[str, Any]] | None = None) -> str:
     """The report's summary.md."""
@@ -1088,7 +1094,7 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"{tr['model']['k']} over a candidate cap of {tr['model']['candidate_cap']} -> VP noise gate -> diagonal "
         f"denoiser -> projector -> LLM), {tr['steps']} steps of "
         f"batch {tr['batch_size']}, lr {tr['lr']} (scales by parameter: "
-        f"{', '.join(f'`{pat}` {scale}' for pat, scale in config.train.optim.param_groups)}), "
+        f"{', '.join(_group_text(rule) for rule in config.train.optim.param_groups)}), "
         f"tau {tr['model']['tau_start']} -> {tr['model']['tau_end']} over "
         f"{tr['model']['tau_steps']} steps; final loss {tr['final_loss_mean_last10pct']:.4f} (mean of the last 10% of steps).",
         f"7. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "

@@ -10,6 +10,12 @@ a float multiplies the base learning-rate schedule. E.g. stage 1::
 stage 2 with LoRA::
 
     [(".*\\.lora\\..*", 1.0), ("llm\\..*", None), (".*", 1.0)]
+
+A rule may carry a third entry, the optimizer step from which its group learns (its learning rate is 0
+before it; Adam's moments still gather). E.g. hold an aligned reader still while a new scorer finds
+what it reads, then fine-tune it gently::
+
+    [("llm\\..*", 0.1, 100), (".*", 1.0)]
 """
 
 from __future__ import annotations
@@ -22,9 +28,23 @@ import optax
 
 def group_of(name: str, rules: Sequence[tuple[str, float | None]]) -> float | None:
     """The learning-rate scale of a parameter (None = frozen); raises if no rule matches."""
-    for pattern, scale in rules:
+    for rule in rules:
+        if len(rule) not in (2, 3):
+            raise ValueError(f"param_groups rule {tuple(rule)!r}: expected (regex, scale) or (regex, scale, start_step)")
+        pattern, scale = rule[0], rule[1]
         if re.fullmatch(pattern, name):
             return None if scale is None else float(scale)
+    raise ValueError(f"no param_groups rule matches parameter {name!r}; end the rules with ('.*', ...)")
+
+
+def start_of(name: str, rules: Sequence[tuple]) -> int:
+    """The optimizer step from which a parameter learns (a rule's optional third entry; default 0)."""
+    for rule in rules:
+        if re.fullmatch(rule[0], name):
+            start = int(rule[2]) if len(rule) > 2 and rule[2] is not None else 0
+            if start < 0:
+                raise ValueError(f"param_groups rule {tuple(rule)!r}: the start step must be >= 0")
+            return start
     raise ValueError(f"no param_groups rule matches parameter {name!r}; end the rules with ('.*', ...)")
 
 
@@ -53,11 +73,16 @@ def make_optimizer(params: dict, rules, *, lr: float, warmup_steps: int, total_s
     frozen = sorted(n for n, s in scales.items() if s is None)
     if frozen:
         raise ValueError(f"make_optimizer got frozen parameters {frozen[:3]}: pass only trainable ones")
+    starts = {n: start_of(n, rules) for n in params}
+
+    def label(scale, start):
+        return f"lr_x{scale:g}" + (f"_from{start}" if start else "")
+
     groups = {}
-    for scale in sorted(set(scales.values())):
-        sched = (lambda s: (lambda count: base(count) * s))(scale)
-        groups[f"lr_x{scale:g}"] = optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay)
-    labels = {n: f"lr_x{s:g}" for n, s in scales.items()}
+    for scale, start in sorted({(scales[n], starts[n]) for n in params}):
+        sched = (lambda s, t0: (lambda count: base(count) * s * (count >= t0)))(scale, start)
+        groups[label(scale, start)] = optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay)
+    labels = {n: label(scales[n], starts[n]) for n in params}
     tx = optax.multi_transform(groups, labels)
     if clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
