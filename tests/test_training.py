@@ -116,7 +116,15 @@ def test_eight_devices_equal_one_device(reference_run, tmp_path, examples):
     got = {k: np.asarray(v) for k, v in out["state"]["params"].items()}
     some_sharded = [v for v in out["state"]["params"].values() if not v.sharding.is_fully_replicated]
     assert some_sharded  # the LoRA / LLM rules actually split something over the mesh
+    # The scorer's output bias shifts every score of a bag alike and the scores are standardised per bag,
+    # so its gradient is rounding noise, which Adam turns into steps that differ with the device layout
+    # (2.5e-6 vs 6e-8 on one CPU): it only has to stay ~0 in both runs.
+    shift_only = "scorer.backbone.fc2.bias"
+    assert shift_only in ref_params
     for name, value in ref_params.items():
+        if name == shift_only:
+            assert np.abs(value).max() < 1e-4 and np.abs(got[name]).max() < 1e-4
+            continue
         np.testing.assert_allclose(got[name], value, atol=2e-6, rtol=1e-4, err_msg=name)
 
 
