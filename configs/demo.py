@@ -149,11 +149,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # With "none of these" (one seed, same aligned reader): at 0.3, learned / oracle % and recall@32
         # 53.3 / 71.7 / 0.46, against 76.7 / 80.8 / 0.98 at 0.1.
         # The reader is held still for stage 2's first 100 steps (lr 0; its Adam moments gather) while the scorer
-        # learns what it reads: a reader moved from step 0 can unlearn reading before the scorer has found
-        # anything (confidently wrong on the first, partly noised whole slides, it falls back on the answer prior,
-        # loss 0.69, and the scorer gets no gradient). One reader (aligned with a shorter-prompt tokenizer) did so
-        # for 125 steps; held still for 100 it led the scorer to recall@32 0.86 (learned 56.7%). On the default
-        # reader: 75.8% / 0.976 against 78.3% / 0.959 moved from step 0. It does not rescue every reader (tau, above).
+        # learns what it reads: a reader moved from step 0 can unlearn reading before the scorer has found anything
+        # (confidently wrong on the first, partly noised whole slides, it falls back on the answer prior, loss 0.69,
+        # and the scorer gets no gradient). One reader (aligned with a shorter-prompt tokenizer, not kept: see
+        # token_buckets) did so for 125 steps; held still for 100 it led the scorer to recall@32 0.86 (learned 56.7%).
+        # On the default reader: 75.8% / 0.976 against 78.3% / 0.959 moved from step 0. It does not rescue every
+        # reader (tau, above).
         param_groups=[(r"llm\..*", 0.1, 100), (r"projector\..*", 0.1, 100), (r".*", 1.0)]))
     t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     t.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, async_save=False))

@@ -118,7 +118,7 @@ def test_eight_devices_equal_one_device(reference_run, tmp_path, examples):
     assert some_sharded  # the LoRA / LLM rules actually split something over the mesh
     # The scorer's output bias shifts every score of a bag alike and the scores are standardised per bag,
     # so its gradient is rounding noise, which Adam turns into steps that differ with the device layout
-    # (2.5e-6 vs 6e-8 on one CPU): it only has to stay ~0 in both runs.
+    # (one device -2.5e-6, eight -6e-8, on one machine's CPU): it only has to stay ~0 in both runs.
     shift_only = "scorer.backbone.fc2.bias"
     assert shift_only in ref_params
     for name, value in ref_params.items():

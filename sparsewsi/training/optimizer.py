@@ -26,26 +26,28 @@ from typing import Sequence
 import optax
 
 
-def group_of(name: str, rules: Sequence[tuple[str, float | None]]) -> float | None:
-    """The learning-rate scale of a parameter (None = frozen); raises if no rule matches."""
+def rule_of(name: str, rules: Sequence[tuple]) -> tuple[float | None, int]:
+    """(learning-rate scale or None = frozen, start step) of a parameter: the first rule whose regex fully
+    matches ``name``; raises if no rule matches or the matching rule is malformed."""
     for rule in rules:
         if len(rule) not in (2, 3):
             raise ValueError(f"param_groups rule {tuple(rule)!r}: expected (regex, scale) or (regex, scale, start_step)")
-        pattern, scale = rule[0], rule[1]
-        if re.fullmatch(pattern, name):
-            return None if scale is None else float(scale)
+        if re.fullmatch(rule[0], name):
+            start = int(rule[2]) if len(rule) == 3 and rule[2] is not None else 0
+            if start < 0:
+                raise ValueError(f"param_groups rule {tuple(rule)!r}: the start step must be >= 0")
+            return (None if rule[1] is None else float(rule[1])), start
     raise ValueError(f"no param_groups rule matches parameter {name!r}; end the rules with ('.*', ...)")
+
+
+def group_of(name: str, rules: Sequence[tuple]) -> float | None:
+    """The learning-rate scale of a parameter (None = frozen); raises if no rule matches."""
+    return rule_of(name, rules)[0]
 
 
 def start_of(name: str, rules: Sequence[tuple]) -> int:
     """The optimizer step from which a parameter learns (a rule's optional third entry; default 0)."""
-    for rule in rules:
-        if re.fullmatch(rule[0], name):
-            start = int(rule[2]) if len(rule) > 2 and rule[2] is not None else 0
-            if start < 0:
-                raise ValueError(f"param_groups rule {tuple(rule)!r}: the start step must be >= 0")
-            return start
-    raise ValueError(f"no param_groups rule matches parameter {name!r}; end the rules with ('.*', ...)")
+    return rule_of(name, rules)[1]
 
 
 def trainable_names(names, rules) -> list[str]:
@@ -62,18 +64,19 @@ def lr_schedule(base_lr: float, warmup_steps: int, total_steps: int, end_ratio: 
 def make_optimizer(params: dict, rules, *, lr: float, warmup_steps: int, total_steps: int,
                    end_lr_ratio: float = 0.0, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
                    clip_norm: float | None = 1.0, accumulate_steps: int = 1):
-    """AdamW per learning-rate group over the trainable flat ``params``.
+    """AdamW per group (learning-rate scale, start step) over the trainable flat ``params``.
 
     Returns (tx, schedule): ``schedule(optimizer_step)`` is the base learning rate (scale 1). With
     ``accumulate_steps > 1`` the update is applied every that many micro-steps (optax.MultiSteps)
-    on the mean gradient; the schedule counts applied updates.
+    on the mean gradient; the schedule and the start steps count applied updates.
     """
     base = lr_schedule(lr, warmup_steps, total_steps, end_lr_ratio)
-    scales = {n: group_of(n, rules) for n in params}
+    scales, starts = {}, {}
+    for n in params:
+        scales[n], starts[n] = rule_of(n, rules)
     frozen = sorted(n for n, s in scales.items() if s is None)
     if frozen:
         raise ValueError(f"make_optimizer got frozen parameters {frozen[:3]}: pass only trainable ones")
-    starts = {n: start_of(n, rules) for n in params}
 
     def label(scale, start):
         return f"lr_x{scale:g}" + (f"_from{start}" if start else "")
