@@ -233,3 +233,37 @@ def test_region_bags_keep_lookalikes_and_skip_a_slide_without_its_record(tmp_pat
         with h5py.File(paths.regions / f"S1-r{j}.h5") as f:
             got = [int(np.flatnonzero((coords == c).all(1))[0]) for c in np.asarray(f["coords"])]
         assert len(got) == 8 and {3, 40, 10, 53} <= set(got)
+
+
+def test_region_bags_are_rewritten_when_their_settings_change(tmp_path):
+    """A finished region bag is reused only when it was written with the same settings: a rerun with
+    look-alikes switched on (or another size) writes the bags again instead of reusing stale ones."""
+    import h5py
+
+    paths = demo.Paths(tmp_path)
+    paths.features.mkdir(parents=True)
+    (paths.bench / "evidence").mkdir(parents=True)
+    coords = np.stack(np.meshgrid(np.arange(8) * 100, np.arange(8) * 100), -1).reshape(-1, 2)
+    evidence = np.zeros(64, np.uint8)
+    evidence[3] = 1
+    with h5py.File(paths.features / "S1.h5", "w") as f:
+        f.create_dataset("features", data=np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32))
+        f.create_dataset("coords", data=coords).attrs["patch_size_level0_exact"] = 100.0
+        f.create_dataset("evidence", data=evidence)
+    (paths.bench / "evidence" / "S1.json").write_text(json.dumps(
+        {"distractors": [{"kind": "vessel", "box": [210, 110, 290, 190]}]}))  # patch row 10
+    rows = [{"ID": "S1-kind", "Slide": "S1", "Answer": "A"}]
+
+    def bag_rows(**kw):
+        demo.write_region_bags(paths, rows, regions_per_slide=1, seed=0, **kw)
+        with h5py.File(paths.regions / "S1-r0.h5") as f:
+            return {int(np.flatnonzero((coords == c).all(1))[0]) for c in np.asarray(f["coords"])}
+
+    plain = bag_rows(tokens=8, lookalikes=False)
+    assert len(plain) == 8 and 3 in plain and 10 not in plain  # (seed 0's fill happens not to draw row 10)
+    mtime = (paths.regions / "S1-r0.h5").stat().st_mtime_ns
+    assert bag_rows(tokens=8, lookalikes=False) == plain  # same settings: reused as is
+    assert (paths.regions / "S1-r0.h5").stat().st_mtime_ns == mtime
+    assert 10 in bag_rows(tokens=8, lookalikes=True)  # look-alikes switched on: written again
+    assert len(bag_rows(tokens=12, lookalikes=True)) == 12  # another size: written again
+

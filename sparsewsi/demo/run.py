@@ -402,11 +402,11 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
 
     A region bag holds ``tokens`` patches of one training slide: all of its evidence patches plus
     patches drawn at random from the rest, in slide order (``regions/<slide>-r<j>.h5``, TRIDENT
-    layout, written atomically, reused when present). Its questions are the slide's own (the region
-    holds every focus, so the answers are unchanged). This is the demo's stand-in for region-level
-    image-text pairs (ROI captions): the LLM learns to read visual tokens from short bags; it never
-    tells the scorer where evidence is (the scorer gets no gradient here: with N <= k every token
-    has mask 1).
+    layout, written atomically, reused when present and written with the same settings). Its
+    questions are the slide's own (the region holds every focus, so the answers are unchanged).
+    This is the demo's stand-in for region-level image-text pairs (ROI captions): the LLM learns to
+    read visual tokens from short bags; it never tells the scorer where evidence is (the scorer gets
+    no gradient here: with N <= k every token has mask 1).
 
     With ``lookalikes`` every bag also holds all of the slide's look-alike patches (the distractors
     of ``bench/evidence/<slide>.json``, which a random fill rarely draws): the reader then learns to
@@ -457,10 +457,11 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
             ev = np.concatenate([ev, np.flatnonzero(look)[:max(tokens - len(ev), 0)]]).astype(ev.dtype)
             rest = np.flatnonzero(~(evidence | look))
         normed = None
+        recipe = _region_recipe(feature_norm, tokens, seed, lookalikes)
         for j in range(regions_per_slide):
             name = f"{slide}-r{j}"
             dst = paths.regions / f"{name}.h5"
-            if not _region_bag_done(dst, feature_norm):
+            if not _region_bag_done(dst, recipe):
                 if normed is None:
                     normed = slide_normalized(feats, feature_norm)
                 rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
@@ -468,7 +469,9 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
                 idx = np.sort(np.concatenate([ev, fill]))
                 with atomic.atomic_path(dst) as tmp:
                     with h5py.File(tmp, "w") as f:
-                        f.create_dataset("features", data=normed[idx]).attrs["slide_norm"] = _slide_norm(feature_norm)
+                        fd = f.create_dataset("features", data=normed[idx])
+                        fd.attrs["slide_norm"] = _slide_norm(feature_norm)
+                        fd.attrs["region_recipe"] = recipe
                         c = f.create_dataset("coords", data=coords[idx])
                         for k, v in coord_attrs.items():
                             c.attrs[k] = v
@@ -482,15 +485,22 @@ def _slide_norm(feature_norm: str) -> str:
     return feature_norm if feature_norm in SLIDE_NORMS else "none"
 
 
-def _region_bag_done(path: pathlib.Path, feature_norm: str) -> bool:
-    """Whether ``path`` is a finished region bag written with ``feature_norm`` (else: write it again)."""
+def _region_recipe(feature_norm: str, tokens: int, seed: int, lookalikes: bool) -> str:
+    """What decides a region bag's content, as the string stored with it (attribute ``region_recipe``)."""
+    return json.dumps({"slide_norm": _slide_norm(feature_norm), "tokens": int(tokens), "seed": int(seed),
+                       "lookalikes": bool(lookalikes)}, sort_keys=True)
+
+
+def _region_bag_done(path: pathlib.Path, recipe: str) -> bool:
+    """Whether ``path`` is a finished region bag written with ``recipe`` (:func:`_region_recipe`); a bag
+    written with other settings (normalisation, size, seed, look-alikes) is written again."""
     import h5py
 
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return f["features"].attrs.get("slide_norm") == _slide_norm(feature_norm)
+            return f["features"].attrs.get("region_recipe") == recipe
     except (OSError, KeyError):
         return False
 
