@@ -150,6 +150,62 @@ def test_score_noise_perturbs_training_selection_only(model, tok, batch):
         model.config.replace(score_noise=-1.0)
 
 
+def test_gate_floor_by_hand(model, batch):
+    """``gate_floor``: the noise gate and the denoiser see ``alpha + (1 - alpha) * floor(step)``, the
+    floor falling linearly to 0 at ``gate_floor_steps``; from then on (and with 0) the loss is the
+    plain one; the scorer still gets a gradient; bad values are refused."""
+    from sparsewsi.model.sparsewsi import answer_loss
+    from sparsewsi.selection import soft_topk
+
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    floored = SparseWSI(model.config.replace(gate_floor=0.6, gate_floor_steps=10), model.llm, rngs=nnx.Rngs(0))
+    loss = nnx.jit(lambda m, b, step, key: m.training_loss(b, step, key)[0])
+    key = jax.random.key(5)
+
+    def by_hand(m, b, step, key, floor):
+        mask = b["feature_mask"].astype(bool)
+        x = m.input_features(b["features"], mask)
+        alpha = soft_topk(m.scorer(x, mask), 4, m.temperature(step), mask)
+        gate = alpha + (1.0 - alpha) * floor
+        h = m.denoiser(m.noise_gate(x, gate, key), 1.0 - gate)
+        embeds, attn, out_pos = splice(m.llm.embed_tokens(b["input_ids"]), b["input_ids"], b["attention_mask"],
+                                       m.config.image_token_id, m.projector(h), mask)
+        return answer_loss(m.llm, embeds, attn, out_pos, b["input_ids"], b["loss_mask"])[0]
+
+    for step, floor in ((0, 0.6), (5, 0.3)):
+        np.testing.assert_allclose(float(loss(floored, b, step, key)), float(by_hand(floored, b, step, key, floor)),
+                                   rtol=1e-5)
+        assert float(loss(floored, b, step, key)) != float(loss(model, b, step, key))
+    for step in (10, 40):  # the floor has reached 0: the plain loss
+        np.testing.assert_allclose(float(loss(floored, b, step, key)), float(loss(model, b, step, key)), rtol=1e-6)
+    graphdef, scorer_state, rest = nnx.split(floored, lambda p, v: p[0] == "scorer" and isinstance(v, nnx.Param), ...)
+    grads = jax.grad(lambda st: nnx.merge(graphdef, st, rest).training_loss(b, 0, key)[0])(scorer_state)
+    assert sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)) > 0
+
+    # With noise slots, the floor lifts the bag's own tokens only: the slots stay pure noise.
+    from sparsewsi.selection.sparselearn import interleave_noise_slots
+
+    both = SparseWSI(model.config.replace(gate_floor=0.6, gate_floor_steps=10, noise_slots=5), model.llm,
+                     rngs=nnx.Rngs(0))
+
+    def by_hand_slots(m, b, key):
+        mask = b["feature_mask"].astype(bool)
+        x = m.input_features(b["features"], mask)
+        alpha = soft_topk(m.scorer(x, mask), 4, m.temperature(0), mask)
+        gate_key, slot_key = jax.random.split(key)
+        x, gate, mask = interleave_noise_slots(x, alpha + (1.0 - alpha) * 0.6, mask, 5, slot_key)
+        h = m.denoiser(m.noise_gate(x, gate, gate_key), 1.0 - gate)
+        embeds, attn, out_pos = splice(m.llm.embed_tokens(b["input_ids"]), b["input_ids"], b["attention_mask"],
+                                       m.config.image_token_id, m.projector(h), mask)
+        return answer_loss(m.llm, embeds, attn, out_pos, b["input_ids"], b["loss_mask"])[0]
+
+    np.testing.assert_allclose(float(loss(both, b, 0, key)), float(nnx.jit(by_hand_slots)(both, b, key)), rtol=1e-5)
+    with pytest.raises(ValueError, match="gate_floor must be in"):
+        model.config.replace(gate_floor=1.0, gate_floor_steps=10)
+    with pytest.raises(ValueError, match="gate_floor_steps"):
+        model.config.replace(gate_floor=0.5)
+
+
 def test_noise_slots_by_hand(model, batch):
     """``noise_slots`` inserts pure-noise tokens (gate mask 0) among the bag's tokens in training: the loss
     equals the pieces run by hand with the same keys, 0 is the plain loss, inference is untouched."""

@@ -33,6 +33,11 @@ class SparseWSIConfig:
       score_noise: scale of Gumbel noise added to the (standardised) scores before the Soft Top-K in
         training (0 = off): tokens the scorer ranks low are still selected now and then, so a reader
         can tell the scorer they matter (exploration); inference stays a deterministic Hard Top-K.
+      gate_floor / gate_floor_steps: in training, the noise gate keeps every token at least
+        ``gate_floor`` clean (mask ``alpha + (1 - alpha) * floor``), the floor falling linearly from
+        ``gate_floor`` at step 0 to 0 at ``gate_floor_steps`` (0 = off): a continuation from
+        "every token partly visible" to the Soft Top-K, so that a reader can answer from evidence a young
+        scorer ranks low, and the scorer gets a gradient towards it. Inference is unchanged.
       noise_slots: in training, this many pure-noise tokens (gate mask 0) are inserted among the
         bag's tokens at random places (0 = off): a reader aligned on short bags then also meets the
         noise tokens that fill most of a whole slide in SparseLearn.
@@ -61,6 +66,8 @@ class SparseWSIConfig:
     denoiser: bool = True
     score_noise: float = 0.0
     noise_slots: int = 0
+    gate_floor: float = 0.0
+    gate_floor_steps: int = 0
     projector_hidden: int = 0
     feature_norm: str = "token"
     llm_seed: int = 0
@@ -71,6 +78,10 @@ class SparseWSIConfig:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
         if self.score_noise < 0:
             raise ValueError(f"score_noise must be >= 0, got {self.score_noise}")
+        if not 0.0 <= self.gate_floor < 1.0:
+            raise ValueError(f"gate_floor must be in [0, 1), got {self.gate_floor}")
+        if self.gate_floor > 0 and self.gate_floor_steps < 1:
+            raise ValueError(f"gate_floor {self.gate_floor} needs gate_floor_steps >= 1 (the steps it falls to 0 over)")
         if self.noise_slots < 0:
             raise ValueError(f"noise_slots must be >= 0, got {self.noise_slots}")
         if self.k < 1:

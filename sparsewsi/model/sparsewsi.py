@@ -9,9 +9,10 @@ Training path (``training_loss``)::
     (cap) keep the top-M tokens by s (no gradient through the choice), slide order
     (opt) s += score_noise * Gumbel noise          # exploration, training only
     alpha = soft_topk(s, k, tau(step), mask)       # [B, M], sum = k
-    (opt) + noise_slots tokens with alpha 0        # augmentation, training only
-    X~    = VPNoiseGate(X, alpha, key(step))       # per-token standardised, dropped tokens -> noise
-    X^    = DiagonalDenoiser(X~, 1 - alpha)          # residual scaled by the noise level
+    (opt) a = alpha + (1 - alpha) * floor(step)    # gate floor: early steps keep dropped tokens partly clean
+    (opt) + noise_slots tokens with a = 0          # augmentation, training only
+    X~    = VPNoiseGate(X, a, key(step))           # per-token standardised, dropped tokens -> noise
+    X^    = DiagonalDenoiser(X~, 1 - a)            # residual scaled by the noise level
     V     = Projector(X^)                          # [B, M, H]
     loss  = CE(LLM(splice(text, V)), answer tokens)
 
@@ -152,12 +153,19 @@ class SparseWSI(nnx.Module):
             scores = scores + c.score_noise * jax.random.gumbel(gumbel_key, scores.shape, scores.dtype)
         k_eff = min(c.k, x.shape[1])
         alpha = soft_topk(scores, k_eff, tau, mask)
+        gate = alpha
+        if c.gate_floor > 0:
+            # Continuation: the gate lets every token through at least `floor` clean, the floor falling
+            # linearly to 0. A young scorer ranks the evidence anywhere; fully noised, it gives the reader
+            # nothing to answer from, and the scorer no gradient towards it. (Noise slots stay pure noise.)
+            floor = c.gate_floor * jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / max(c.gate_floor_steps, 1), 0.0, 1.0)
+            gate = alpha + (1.0 - alpha) * floor
         if c.noise_slots > 0:  # augmentation: the noise tokens a whole slide holds, for readers of short bags
             key, slot_key = jax.random.split(key)
-            x, alpha, mask = interleave_noise_slots(x, alpha, mask, c.noise_slots, slot_key)
-        h = self.noise_gate(x, alpha, key)
+            x, gate, mask = interleave_noise_slots(x, gate, mask, c.noise_slots, slot_key)
+        h = self.noise_gate(x, gate, key)
         if self.denoiser is not None:
-            h = self.denoiser(h, 1.0 - alpha)  # clean tokens pass unchanged, as at inference
+            h = self.denoiser(h, 1.0 - gate)  # clean tokens pass unchanged, as at inference
         visual = self.projector(h)
         embeds, attn, out_pos = splice(self.llm.embed_tokens(batch["input_ids"]), batch["input_ids"],
                                        batch["attention_mask"], c.image_token_id, visual, mask)
