@@ -201,6 +201,9 @@ def test_align_config_trains_everything_on_region_bags_with_noise_slots(tmp_path
     assert t.data.path == "/data/align" and t.data.features_root == str(tmp_path / "regions")
     assert t.optim.param_groups == [(r".*", 1.0)] and t.total_steps == c.align.steps
     assert demo.train_config(c, demo.Paths(tmp_path), info).model.get("noise_slots", 0) == 0  # stage 2: off
+    # The gate floor is stage 2's alone (in the alignment it would half-clean the noise slots).
+    assert c.train.model.gate_floor > 0 and t.model.gate_floor == 0
+    assert demo.train_config(c, demo.Paths(tmp_path), info).model.gate_floor == c.train.model.gate_floor
 
 
 def test_region_bags_keep_lookalikes_and_skip_a_slide_without_its_record(tmp_path):
@@ -267,3 +270,49 @@ def test_region_bags_are_rewritten_when_their_settings_change(tmp_path):
     assert 10 in bag_rows(tokens=8, lookalikes=True)  # look-alikes switched on: written again
     assert len(bag_rows(tokens=12, lookalikes=True)) == 12  # another size: written again
 
+
+
+def test_region_bags_mosaic_draws_evidence_of_the_same_kind_and_lookalikes_from_all_training_slides(tmp_path):
+    """``mosaic``: every bag keeps its slide's numbers of evidence and look-alike patches, but draws
+    them afresh from all training slides (evidence of the slide's own kind only); the fill is the
+    slide's own; each patch keeps the features of its own slide."""
+    import h5py
+
+    paths = demo.Paths(tmp_path)
+    paths.features.mkdir(parents=True)
+    (paths.bench / "evidence").mkdir(parents=True)
+    coords = np.stack(np.meshgrid(np.arange(8) * 100, np.arange(8) * 100), -1).reshape(-1, 2)
+    kinds = {"K1": "keratin_pearl", "K2": "keratin_pearl", "P1": "psammoma_body", "N1": "none"}
+    feats = {}
+    for n, (sid, kind) in enumerate(kinds.items()):
+        x = np.random.default_rng(n).normal(size=(64, 4)).astype(np.float32)
+        x[:, 0] = n * 100 + np.arange(64)  # feature 0 names the slide and patch
+        feats[sid] = x
+        evidence = np.zeros(64, np.uint8)
+        if kind != "none":
+            evidence[[3, 40]] = 1
+        with h5py.File(paths.features / f"{sid}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset("coords", data=coords).attrs["patch_size_level0_exact"] = 100.0
+            f.create_dataset("evidence", data=evidence)
+        (paths.bench / "evidence" / f"{sid}.json").write_text(json.dumps(
+            {"kind": kind, "distractors": [{"kind": "vessel", "box": [210, 110, 290, 190]}]}))  # patch row 10
+    rows = [{"ID": f"{sid}-kind", "Slide": sid, "Answer": "A"} for sid in kinds]
+    out = demo.write_region_bags(paths, rows, regions_per_slide=6, tokens=8, seed=0, lookalikes=True, mosaic=True)
+    assert len(out) == 24
+    slide_of = {n: sid for n, sid in enumerate(kinds)}
+    ev_sources = set()
+    for sid in kinds:
+        for j in range(6):
+            with h5py.File(paths.regions / f"{sid}-r{j}.h5") as f:
+                x, ev, c = np.asarray(f["features"]), np.asarray(f["evidence"], bool), np.asarray(f["coords"])
+            src = [(slide_of[int(v // 100)], int(v % 100)) for v in x[:, 0]]
+            for (s, i), row, xy in zip(src, x, c):
+                np.testing.assert_array_equal(row, feats[s][i])  # a patch's own features (feature_norm "token")
+                np.testing.assert_array_equal(xy, coords[i])
+            assert len(x) == 8 and ev.sum() == (0 if kinds[sid] == "none" else 2)
+            assert all(kinds[s] == kinds[sid] and i in (3, 40) for (s, i), e in zip(src, ev) if e)
+            assert sum(i == 10 for s, i in src) == 1  # one look-alike, as the slide holds
+            assert all(s == sid for (s, i), e in zip(src, ev) if not e and i != 10)  # the fill is the slide's own
+            ev_sources |= {(sid, s) for (s, i), e in zip(src, ev) if e}
+    assert ("K1", "K2") in ev_sources and ("K2", "K1") in ev_sources  # evidence crosses slides of a kind
