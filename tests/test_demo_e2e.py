@@ -76,8 +76,9 @@ def test_report_folder_has_every_file_and_selector(first_run):
     assert len(list((out / "features").glob("SYN-*.h5"))) == 6
     assert (out / "train" / "model.json").is_file() and demo.latest_step(out / "train") == 4
     assert demo.latest_step(out / "align") == 2  # the alignment stage ran and seeded the SparseLearn run
-    # Region bags: every evidence and look-alike patch of the slide plus random ones, `tokens` in all,
-    # slide order.
+    # Region bags (`align.mosaic`, on in the demo): as many evidence and look-alike patches as the slide
+    # holds, drawn from all training slides (evidence of the slide's kind), plus the slide's own random
+    # patches, `tokens` in all; every patch normalised with its own whole slide's median / MAD.
     import h5py
 
     from sparsewsi.demo.synthetic_slides import evidence_labels
@@ -85,26 +86,36 @@ def test_report_folder_has_every_file_and_selector(first_run):
     align_rows = list(csv.DictReader(open(out / "bench" / "questions" / "align.csv")))
     train_slides = {r["Slide"] for r in csv.DictReader(open(out / "bench" / "questions" / "train.csv"))}
     assert {r["Slide"].rsplit("-r", 1)[0] for r in align_rows} == train_slides
+    normed, kind, is_ev, is_look = {}, {}, {}, {}
+    for slide in train_slides:
+        with h5py.File(out / "features" / f"{slide}.h5") as g:
+            full = np.asarray(g["features"], np.float64)
+            med = np.median(full, 0)
+            normed[slide] = (full - med) / (1.4826 * np.median(np.abs(full - med), 0) + 1e-6)
+            rec = json.loads((out / "bench" / "evidence" / f"{slide}.json").read_text())
+            kind[slide], is_ev[slide] = rec["kind"], np.asarray(g["evidence"], bool)
+            is_look[slide] = (evidence_labels(np.asarray(g["coords"]), float(g["coords"].attrs["patch_size_level0_exact"]),
+                                              [d["box"] for d in rec["distractors"]]) & ~is_ev[slide]
+                              if rec["distractors"] else np.zeros(len(full), bool))
     n_lookalike = 0
     for region in sorted({r["Slide"] for r in align_rows}):
         slide = region.rsplit("-r", 1)[0]
-        with h5py.File(out / "regions" / f"{region}.h5") as f, h5py.File(out / "features" / f"{slide}.h5") as g:
-            coords, ev = np.asarray(f["coords"]), np.asarray(f["evidence"], bool)
-            full_coords, full_ev = np.asarray(g["coords"]), np.asarray(g["evidence"], bool)
-            assert len(coords) == min(32, len(full_coords)) and ev.sum() == full_ev.sum()  # 0: evidence-free
-            rows = [np.flatnonzero((full_coords == c).all(1))[0] for c in coords]
-            assert rows == sorted(rows)
-            rec = json.loads((out / "bench" / "evidence" / f"{slide}.json").read_text())
-            look = evidence_labels(full_coords, float(g["coords"].attrs["patch_size_level0_exact"]),
-                                   [d["box"] for d in rec["distractors"]]) if rec["distractors"] else np.zeros(0, int)
-            assert set(np.flatnonzero(look)) <= set(rows)
-            n_lookalike += int(look.sum())
-            # Normalised with the whole slide's median / MAD (what the model does to the slide), not the bag's.
-            full = np.asarray(g["features"], np.float64)
-            med = np.median(full, 0)
-            scale = 1.4826 * np.median(np.abs(full - med), 0) + 1e-6
+        with h5py.File(out / "regions" / f"{region}.h5") as f:
+            x, ev = np.asarray(f["features"], np.float64), np.asarray(f["evidence"], bool)
             assert f["features"].attrs["slide_norm"] == "bag_robust"
-            np.testing.assert_allclose(np.asarray(f["features"]), ((full - med) / scale)[rows], rtol=1e-4, atol=1e-4)
+        assert len(x) == min(32, len(normed[slide]))
+        # Each token is one patch of one training slide, with that slide's normalisation.
+        src = []
+        for row in x:
+            hits = [(s, int(i)) for s in sorted(normed) for i in np.flatnonzero(np.abs(normed[s] - row).max(1) < 1e-3)]
+            assert hits, f"{region}: a token that is no training slide's slide-normalised patch"
+            src.append(hits[0])
+        assert ev.sum() == is_ev[slide].sum()  # 0: evidence-free
+        assert all(is_ev[s][i] and kind[s] == kind[slide] for (s, i), e in zip(src, ev) if e)
+        looks = [(s, i) for s, i in src if is_look[s][i]]
+        assert len(looks) == is_look[slide].sum()
+        assert all(s == slide for s, i in src if not is_ev[s][i] and not is_look[s][i])  # the fill is the slide's own
+        n_lookalike += len(looks)
     assert n_lookalike > 0  # the demo's `align.lookalikes` is on
     # ... so the alignment stage reads them without a second (bag) normalisation.
     assert json.loads((out / "align" / "model.json").read_text())["model"]["feature_norm"] == "token"
