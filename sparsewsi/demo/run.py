@@ -441,7 +441,7 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     for row in rows:
         by_slide.setdefault(row["Slide"], []).append(row)
     recipe = _region_recipe(feature_norm, tokens, seed, lookalikes, mosaic)
-    # Pass 1: each slide's patches, evidence and look-alikes (normalised lazily, unless a mosaic needs all).
+    # Pass 1: each slide's patches, evidence and look-alikes (normalised when a bag first needs them).
     slides: dict[str, dict[str, Any]] = {}
     for slide in sorted(by_slide):
         src = paths.features / f"{slide}.h5"
@@ -476,15 +476,13 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
             sl["normed"] = slide_normalized(sl["feats"], feature_norm)
         return sl["normed"]
 
-    def pool(select) -> list[tuple[str, int]]:  # (slide, patch index) over all slides
-        return [(sid, int(i)) for sid, sl in slides.items() for i in np.flatnonzero(select(sl))]
-
+    # The mosaic's pools, as (slide, patch index): evidence by the slide's kind, look-alikes of any kind.
     ev_pool: dict[Any, list[tuple[str, int]]] = {}
     look_pool: list[tuple[str, int]] = []
     if mosaic:
         for sid, sl in slides.items():
             ev_pool.setdefault(sl["kind"], []).extend((sid, int(i)) for i in np.flatnonzero(sl["evidence"]))
-        look_pool = pool(lambda sl: sl["look"])
+            look_pool.extend((sid, int(i)) for i in np.flatnonzero(sl["look"]))
 
     # Pass 2: the bags.
     out = []
@@ -538,7 +536,7 @@ def _region_recipe(feature_norm: str, tokens: int, seed: int, lookalikes: bool, 
 
 def _region_bag_done(path: pathlib.Path, recipe: str) -> bool:
     """Whether ``path`` is a finished region bag written with ``recipe`` (:func:`_region_recipe`); a bag
-    written with other settings (normalisation, size, seed, look-alikes) is written again."""
+    written with other settings (normalisation, size, seed, look-alikes, mosaic) is written again."""
     import h5py
 
     if not path.is_file():
