@@ -185,6 +185,36 @@ def test_nan_fails_fast(tmp_path, examples):
         train(cfg, ArrayIterator(bad, 4, seed=0), tmp_path, devices=jax.devices()[:1])
 
 
+class Emptied(ArrayIterator):
+    """Batches as the input pipeline delivers them when feature files are missing: every example (or every
+    ``every``-th batch's examples) kept with ``example_valid`` False and all masks False."""
+
+    def __init__(self, *a, every: int = 1, **kw):
+        super().__init__(*a, **kw)
+        self.every, self.count = every, 0
+
+    def __next__(self):
+        batch = dict(super().__next__())
+        self.count += 1
+        empty = self.count % self.every == 0
+        batch["example_valid"] = np.full(len(batch["input_ids"]), not empty)
+        if empty:
+            for key in ("feature_mask", "attention_mask", "loss_mask"):
+                batch[key] = np.zeros_like(batch[key])
+        return batch
+
+
+def test_a_run_whose_batches_hold_no_readable_example_stops_with_the_data_paths(tmp_path, examples):
+    cfg = tiny_config(30)
+    cfg.checkpoint.every = 0
+    with pytest.raises(ValueError, match="no readable example.*features_root"):
+        train(cfg, Emptied(examples, 4, seed=0), tmp_path / "all", devices=jax.devices()[:1])
+    # Some empty batches (a few missing files) are not an error.
+    cfg.total_steps = 12
+    out = train(cfg, Emptied(examples, 4, seed=0, every=2), tmp_path / "some", devices=jax.devices()[:1])
+    assert len(out["history"]) == 12
+
+
 def test_optimizer_groups_schedule_and_accumulation():
     import jax.numpy as jnp
 

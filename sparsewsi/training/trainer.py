@@ -165,6 +165,8 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
     except StopIteration:
         raise ValueError("the data iterator yields no batch") from None
     check_batch(first, spec.model.image_token_id)
+    empty = EmptyBatchGuard(config, batches)
+    empty.see(first)
     global_batch = int(np.shape(first["input_ids"])[0]) * jax.process_count()
     first = {k: v for k, v in first.items() if k in _BATCH_KEYS}
     b_sh = batch_shardings(first, mesh, global_batch)
@@ -193,6 +195,7 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
                     ckpt.save(step, state, batches.get_state() if hasattr(batches, "get_state") else None)
                     break
                 check_batch(batch, spec.model.image_token_id)
+                empty.see(batch)
                 batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
             t = time.perf_counter()
             gbatch = to_global(batch, b_sh)
@@ -227,6 +230,33 @@ def train(config, batches: Iterator[dict], workdir: str | os.PathLike, *, spec: 
     final_model = split.merge(state["params"], frozen)
     return {"history": history, "model": final_model, "state": state, "frozen": frozen,
             "resumed_from": resumed_from, "split": split, "spec": spec}
+
+
+class EmptyBatchGuard:
+    """Stops a run whose input pipeline keeps delivering batches without one readable example.
+
+    The pipeline keeps a bad item's slot (``example_valid`` False, all masks False) so one missing
+    file never stops an epoch; but when every file is missing (a wrong ``data.features_root``) each
+    step would train on nothing, with loss 0, and save checkpoints of an untrained model.
+    """
+
+    LIMIT = 10  # consecutive batches without a valid example
+
+    def __init__(self, config, batches):
+        self.config, self.batches, self.run = config, batches, 0
+
+    def see(self, batch: dict) -> None:
+        valid = batch.get("example_valid")
+        if valid is None:
+            return
+        self.run = 0 if np.any(valid) else self.run + 1
+        if self.run >= self.LIMIT:
+            skipped = dict(getattr(self.batches, "skipped", {}) or {})
+            data = self.config.get("data", {}) or {}
+            raise ValueError(
+                f"the last {self.run} batches held no readable example (skipped so far: {skipped or 'unknown'}); "
+                f"check data.features_root ({data.get('features_root')!r}) and data.path ({data.get('path')!r}): "
+                "the feature files the prepared dataset names must exist there")
 
 
 _BATCH_KEYS = ("features", "feature_mask", "input_ids", "attention_mask", "loss_mask")
