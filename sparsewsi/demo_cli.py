@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"demo config file, optionally with an argument (default {default_config_path()})")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT}; rerun to resume)")
     parser.add_argument("--until", default=None, help="stop after this stage (slides, extract, annotate, dataset, "
-                                                      "train, eval, report)")
+                                                      "align, train, polish, eval, report)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (stage logs only)")
     group = parser.add_argument_group("config overrides (--config.FIELD=VALUE)")
     path = default_config_path()

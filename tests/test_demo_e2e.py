@@ -73,9 +73,21 @@ def test_report_folder_has_every_file_and_selector(first_run):
     assert ev["oracle"]["evidence_recall"] == 1.0 and ev["all"]["evidence_recall"] == 1.0
     assert ev["random"]["tokens_shown_mean"] == 32 and ev["all"]["tokens_shown_mean"] > 32
     # Stage outputs of the real pipeline.
+    import h5py
+
     assert len(list((out / "features").glob("SYN-*.h5"))) == 6
     assert (out / "train" / "model.json").is_file() and demo.latest_step(out / "train") == 4
     assert demo.latest_step(out / "align") == 2  # the alignment stage ran and seeded the SparseLearn run
+    # ... after its first phase on short bags (`align.short_steps`), without noise slots.
+    assert demo.latest_step(out / "align" / "short") == 2
+    short_model = json.loads((out / "align" / "short" / "model.json").read_text())["model"]
+    assert short_model["noise_slots"] == 0 and json.loads((out / "align" / "model.json").read_text())["model"]["noise_slots"] > 0
+    short_rows = list(csv.DictReader(open(out / "bench" / "questions" / "align_short.csv")))
+    assert short_rows and all(r["Slide"].rsplit("-s", 1)[0] in {x["Slide"] for x in csv.DictReader(
+        open(out / "bench" / "questions" / "train.csv"))} for r in short_rows)
+    for r in short_rows:
+        with h5py.File(out / "regions" / f"{r['Slide']}.h5") as f:
+            assert len(f["features"]) == 8
     # Region bags (`align.mosaic`, on in the demo): as many evidence and look-alike patches as the slide
     # holds, drawn from all training slides (evidence of the slide's kind), plus the slide's own random
     # patches, `tokens` in all; every patch normalised with its own whole slide's median / MAD.
@@ -122,6 +134,20 @@ def test_report_folder_has_every_file_and_selector(first_run):
     assert json.loads((out / "train" / "model.json").read_text())["model"]["feature_norm"] == "bag_robust"
     for sel in SELECTORS:
         assert (out / "eval" / sel / "results.json").is_file()
+    # Polish: the stage-2 model read on its own Hard Top-K (candidate cap = k, no noise slots, no floor); the
+    # scorer is held still (bit-identical to stage 2's), the reader moved; evaluation loads the polished model.
+    from sparsewsi.model import flat_params, load_checkpoint
+
+    assert demo.latest_step(out / "polish") == 2
+    polish_model = json.loads((out / "polish" / "model.json").read_text())["model"]
+    assert polish_model["candidate_cap"] == polish_model["k"] == 32
+    assert polish_model["noise_slots"] == 0 and polish_model["gate_floor"] == 0
+    trained, polished = (flat_params(load_checkpoint(out / d)[0]) for d in ("train", "polish"))
+    scorer = [n for n in trained if n.startswith("scorer.")]
+    assert scorer and all(np.array_equal(trained[n], polished[n]) for n in scorer)
+    assert any(not np.array_equal(trained[n], polished[n]) for n in trained if n.startswith("llm."))
+    assert json.loads((out / "eval" / "learned" / "run.json").read_text())["model"] == f"sparsewsi-demo:{out / 'polish'}"
+    assert "**polish**" in summary
     for st in demo.STAGES:
         assert stages[st]["wall_s"] >= 0 and stages[st]["cpu_s"] >= 0
 

@@ -55,7 +55,7 @@ import numpy as np
 
 from sparsewsi import atomic
 
-STAGES = ("slides", "extract", "annotate", "dataset", "align", "train", "eval", "report")
+STAGES = ("slides", "extract", "annotate", "dataset", "align", "train", "polish", "eval", "report")
 STAGES_FILE = "stages.json"
 CONFIG_FILE = "demo_config.json"
 # Settings that do not change any result (throughput and display only): may differ between reruns.
@@ -79,7 +79,7 @@ class Paths:
     """Where each stage writes: ``paths.<name>`` is ``root / <name>`` for every name in ``FOLDERS``."""
 
     root: pathlib.Path
-    FOLDERS = ("bench", "features", "dataset", "regions", "align", "train", "eval", "report")
+    FOLDERS = ("bench", "features", "dataset", "regions", "align", "train", "polish", "eval", "report")
 
     def __getattr__(self, name: str) -> pathlib.Path:  # only called for names that are not attributes
         if name in Paths.FOLDERS:
@@ -347,18 +347,22 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     info = {"data_path": os.fspath(builder.data_path), "feature_dim": d, "train_questions": kept.get("train"),
             "train_questions_original": len(train_rows), "test_questions": kept.get("test"), "skipped": skipped}
     a = config.align
-    if int(a.steps) > 0:
-        region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), int(a.tokens), int(config.seed), log,
+    sets = [("", "r", int(a.tokens))] if int(a.steps) > 0 else []
+    if int(a.steps) > 0 and int(a.get("short_steps", 0)) > 0:
+        sets.append(("short_", "s", int(a.short_tokens)))
+    for prefix, tag, tokens in sets:
+        region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), tokens, int(config.seed), log,
                                         feature_norm=str(config.train.model.feature_norm),
                                         lookalikes=bool(config.align.get("lookalikes", False)),
-                                        mosaic=bool(config.align.get("mosaic", False)))
-        align_csv = qdir / "align.csv"
+                                        mosaic=bool(config.align.get("mosaic", False)), tag=tag)
+        align_csv = qdir / f"align{'_' + prefix.rstrip('_') if prefix else ''}.csv"
         write_csv_atomic(align_csv, region_rows, CSV_COLUMNS)
         ab = build("synthetic_slidebench", {"train": align_csv}, features_root=paths.regions,
-                   data_dir=paths.dataset / "tfds_align", feature_dim=d, reply=str(config.dataset.reply))
-        info.update(align_data_path=os.fspath(ab.data_path), align_questions=len(region_rows))
+                   data_dir=paths.dataset / f"tfds_align{'_' + prefix.rstrip('_') if prefix else ''}", feature_dim=d,
+                   reply=str(config.dataset.reply))
+        info.update({f"align_{prefix}data_path": os.fspath(ab.data_path), f"align_{prefix}questions": len(region_rows)})
         log(f"dataset: region alignment set {ab.data_path} ({len(region_rows)} questions over "
-            f"{len(region_rows) and len({r['Slide'] for r in region_rows})} region bags of {a.tokens} tokens)")
+            f"{len(region_rows) and len({r['Slide'] for r in region_rows})} region bags of {tokens} tokens)")
     return info
 
 
@@ -400,11 +404,11 @@ def region_feature_norm(feature_norm: str) -> str:
 
 def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_slide: int, tokens: int, seed: int,
                       log: Log = print, feature_norm: str = "token", lookalikes: bool = False,
-                      mosaic: bool = False) -> list[dict[str, str]]:
+                      mosaic: bool = False, tag: str = "r") -> list[dict[str, str]]:
     """Region bags for the alignment stage and their questions (training slides only).
 
     A region bag holds ``tokens`` patches of one training slide: all of its evidence patches plus
-    patches drawn at random from the rest, in slide order (``regions/<slide>-r<j>.h5``, TRIDENT
+    patches drawn at random from the rest, in slide order (``regions/<slide>-<tag><j>.h5``, TRIDENT
     layout, written atomically, reused when present and written with the same settings). Its
     questions are the slide's own (the region holds every focus, so the answers are unchanged).
     This is the demo's stand-in for region-level image-text pairs (ROI captions): the LLM learns to
@@ -493,7 +497,7 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
         kept = np.concatenate([ev, np.flatnonzero(look)[:max(tokens - len(ev), 0)]]).astype(ev.dtype)
         rest = np.flatnonzero(~(evidence | look))
         for j in range(regions_per_slide):
-            name = f"{slide}-r{j}"
+            name = f"{slide}-{tag}{j}"
             dst = paths.regions / f"{name}.h5"
             if not _region_bag_done(dst, recipe):
                 rng = np.random.default_rng([seed, int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)])
@@ -520,7 +524,7 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
                             c.attrs[k] = v
                         f.create_dataset("evidence", data=flags)
             for row in by_slide[slide]:
-                out.append(dict(row, ID=f"{row['ID']}-r{j}", Slide=name))
+                out.append(dict(row, ID=f"{row['ID']}-{tag}{j}", Slide=name))
     return out
 
 
@@ -571,24 +575,27 @@ def latest_step(workdir: pathlib.Path) -> int:
     return max(steps, default=0)
 
 
-def align_config(config, paths: Paths, dataset_info: dict[str, Any]):
+def align_config(config, paths: Paths, dataset_info: dict[str, Any], short: bool = False):
     """The trainer config of the alignment stage: region bags of ``align.tokens`` tokens (<= k, so
-    every token passes clean), ``align.steps`` steps at ``align.lr``, every module trained."""
+    every token passes clean), ``align.steps`` steps at ``align.lr``, every module trained. With
+    ``short``: its first phase, ``align.short_steps`` steps on bags of ``align.short_tokens`` tokens
+    without noise slots (see ``configs/demo.py``)."""
     t = train_config(config, paths, dataset_info)
     a = config.align
-    t.total_steps = int(a.steps)
+    steps, tokens = (int(a.short_steps), int(a.short_tokens)) if short else (int(a.steps), int(a.tokens))
+    t.total_steps = steps
     t.batch_size = int(a.batch_size)
     t.optim.lr = float(a.lr)
-    t.checkpoint.every = int(a.steps)
-    t.data.path = dataset_info["align_data_path"]
+    t.checkpoint.every = steps
+    t.data.path = dataset_info["align_short_data_path" if short else "align_data_path"]
     t.data.features_root = os.fspath(paths.regions)
-    t.data.max_patches = int(a.tokens)
-    t.data.patch_buckets = (int(a.tokens),)
+    t.data.max_patches = tokens
+    t.data.patch_buckets = (tokens,)
     t.model.feature_norm = region_feature_norm(str(t.model.feature_norm))  # region bags carry the slide's
     # Alignment trains the projector and the LLM at full rate (whatever groups stage 2 uses; the scorer
     # gets no gradient here: with N <= k every token has mask 1).
     t.optim.param_groups = [(r".*", 1.0)]
-    t.model.noise_slots = int(a.get("noise_slots", 0))
+    t.model.noise_slots = 0 if short else int(a.get("noise_slots", 0))
     # The gate floor is stage 2's continuation towards the Soft Top-K; here every real token is clean already,
     # and a floor would only half-clean the noise slots.
     t.model.gate_floor = 0.0
@@ -634,8 +641,18 @@ def stage_align(config, paths: Paths, dataset_info: dict[str, Any], log: Log = p
     if int(config.align.steps) <= 0:
         log("align: off (align.steps = 0)")
         return {"steps": 0}
-    info = _train(align_config(config, paths, dataset_info), paths.align, log, "align")
+    tcfg = align_config(config, paths, dataset_info)
+    short = None
+    if int(config.align.get("short_steps", 0)) > 0:
+        # First phase: short bags, no noise slots (its own workdir, so either phase resumes on its own).
+        short = _train(align_config(config, paths, dataset_info, short=True), paths.align / "short", log,
+                       "align (short bags)")
+        short["questions"] = dataset_info.get("align_short_questions")
+        tcfg.init_from = os.fspath(paths.align / "short")
+        tcfg.init_llm = True
+    info = _train(tcfg, paths.align, log, "align")
     info["questions"] = dataset_info.get("align_questions")
+    info["short"] = short
     return info
 
 
@@ -647,6 +664,44 @@ def stage_train(config, paths: Paths, dataset_info: dict[str, Any], log: Log = p
         tcfg.init_from = os.fspath(paths.align)
         tcfg.init_llm = True
     return _train(tcfg, paths.train, log, "train")
+
+
+def polish_config(config, paths: Paths, dataset_info: dict[str, Any]):
+    """The trainer config of the polish stage: the stage-2 model read on exactly what inference shows it.
+
+    The candidate cap is set to k, so the LLM reads the Hard Top-K of the trained scorer, k clean tokens
+    in slide order, as at inference (with N = k every token has mask 1: no noise, no gradient to the
+    scorer); the scorer is held still (learning-rate scale 0) and the rest trains at ``polish.lr``.
+    """
+    t = train_config(config, paths, dataset_info)
+    p = config.polish
+    t.init_from = os.fspath(paths.train)
+    t.init_llm = True
+    t.total_steps = int(p.steps)
+    t.batch_size = int(p.batch_size)
+    t.optim.lr = float(p.lr)
+    t.optim.warmup_steps = int(p.warmup_steps)
+    t.checkpoint.every = int(p.steps)
+    t.model.candidate_cap = int(t.model.k)
+    t.model.gate_floor = 0.0
+    t.model.noise_slots = 0
+    t.optim.param_groups = [(r"scorer\..*", 0.0), (r".*", 1.0)]
+    return t
+
+
+def stage_polish(config, paths: Paths, dataset_info: dict[str, Any], log: Log = print) -> dict[str, Any]:
+    """Polish (after SparseLearn): the reader (projector, LLM) fine-tuned on the Hard Top-K tokens of the
+    frozen scorer, the very tokens it reads at inference. SparseLearn shows the LLM every token of a slide,
+    ~k of them clean and the rest noise; inference shows it k clean tokens and nothing else."""
+    if int(config.polish.steps) <= 0:
+        log("polish: off (polish.steps = 0)")
+        return {"steps": 0}
+    return _train(polish_config(config, paths, dataset_info), paths.polish, log, "polish")
+
+
+def model_dir(config, paths: Paths) -> pathlib.Path:
+    """The run's final model: the polish stage's when it runs, else stage 2's."""
+    return paths.polish if int(config.polish.steps) > 0 else paths.train
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict[str, float]]:
@@ -666,7 +721,7 @@ def load_predictor(config, paths: Paths):
     """(SparseWSIPredictor, spec) of the trained model at budget ``eval.k``."""
     from sparsewsi.model import SparseWSIPredictor, load_checkpoint
 
-    model, tokenizer, spec = load_checkpoint(paths.train)
+    model, tokenizer, spec = load_checkpoint(model_dir(config, paths))
     e = config.eval
     inner = SparseWSIPredictor(model, tokenizer, k=int(e.k), max_new_tokens=int(e.max_new_tokens),
                                all_tokens_cap=int(e.all_tokens_cap))
@@ -735,7 +790,7 @@ def stage_eval(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     for selector in e.selectors:
         run_dir = paths.eval / selector
         predictor = CheckpointPredictor(inner, selector=selector, batch_size=int(e.batch_size), seed=int(e.seed),
-                                        describe={"name": f"sparsewsi-demo:{paths.train}",
+                                        describe={"name": f"sparsewsi-demo:{model_dir(config, paths)}",
                                                   "spec": json.loads(spec.to_json())})
         conf = {"max_new_tokens": int(e.max_new_tokens), "seed": int(e.seed), "all_tokens_cap": int(e.all_tokens_cap)}
         ensure_manifest(run_dir, manifest_for(eval_set, predictor.describe(), 1, conf))
@@ -894,8 +949,10 @@ def accuracy_chart(eval_info: dict[str, Any], path: pathlib.Path, *, k: int, sel
     _savefig(fig, path, dpi=110)
 
 
-def training_curves(hist: list[dict[str, float]], path: pathlib.Path) -> None:
-    """Loss (raw and smoothed), Soft Top-K temperature and soft-mask sharpness against the step."""
+def training_curves(hist: list[dict[str, float]], path: pathlib.Path,
+                    polish: Sequence[dict[str, float]] = ()) -> None:
+    """Loss (raw and smoothed), Soft Top-K temperature and soft-mask sharpness against the step; the
+    polish stage's loss (``polish``, its own step count) continues stage 2's curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -909,6 +966,11 @@ def training_curves(hist: list[dict[str, float]], path: pathlib.Path) -> None:
         n = max(3, len(loss) // 25)
         smooth = np.convolve(loss, np.ones(n) / n, mode="valid")
         axes[0].plot(steps[n - 1:], smooth, lw=1.4, color="#1f4e79", label=f"mean of {n}")
+        axes[0].legend(fontsize=7)
+    if len(polish):
+        end = steps[-1] if len(steps) else 0
+        axes[0].plot(end + np.array([h["step"] for h in polish]), [h["loss"] for h in polish], lw=0.8,
+                     color="#e69138", label="polish (Hard Top-K)")
         axes[0].legend(fontsize=7)
     axes[0].set_yscale("log")
     axes[0].set_title("training loss (answer tokens)", fontsize=9)
@@ -1109,6 +1171,7 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
     sl, ex, an = stages["slides"]["info"], stages["extract"]["info"], stages["annotate"]["info"]
     ds, tr = stages["dataset"]["info"], stages["train"]["info"]
     al = (stages.get("align") or {}).get("info") or {}
+    po = (stages.get("polish") or {}).get("info") or {}
     lines = ["# SparseWSI demo: learned token selection on a synthetic sparse-evidence slide benchmark", ""]
     lines += [
         f"- command: `{command}`",
@@ -1140,10 +1203,15 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
            f"{' and look-alike patches' if config.align.get('lookalikes', False) else ''}"
            f"{' (as many as it holds, drawn afresh for each bag from all training slides: the mosaic)' if config.align.get('mosaic', False) else ''}"
            f" + random ones"
-           f"{f', among {config.align.noise_slots} pure-noise tokens in training' if config.align.get('noise_slots', 0) else ''})."
+           f"{f', among {config.align.noise_slots} pure-noise tokens in training' if config.align.get('noise_slots', 0) else ''})"
+           + (f", and {ds['align_short_questions']} on short bags of {config.align.short_tokens} tokens drawn the same way"
+              if ds.get("align_short_questions") else "") + "."
            if ds.get("align_questions") else "."),
         (f"5. **align** (stage 1): projector + tiny LLM {tr['llm']} (random init, built-in tokenizer) learn to read "
-         f"visual tokens on the region bags: {al['steps']} steps of batch {al['batch_size']}, lr {al['lr']}; "
+         f"visual tokens on the region bags: "
+         + (f"first {al['short']['steps']} steps on the short bags without noise tokens (final loss "
+            f"{al['short']['final_loss_mean_last10pct']:.4f}), then " if al.get("short") else "")
+         + f"{al['steps']} steps of batch {al['batch_size']}, lr {al['lr']}; "
          f"final loss {al['final_loss_mean_last10pct']:.4f}. The scorer gets no gradient here (N <= k: every token "
          f"has mask 1); no location reaches the SparseLearn stage."
          if al.get("steps") else "5. **align**: off (`align.steps = 0`)."),
@@ -1158,7 +1226,11 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         + (f"; gate floor {config.train.model.gate_floor} -> 0 over {config.train.model.gate_floor_steps} steps "
            "(the noise gate keeps every token at least that clean)" if config.train.model.get("gate_floor", 0) else "")
         + f"; final loss {tr['final_loss_mean_last10pct']:.4f} (mean of the last 10% of steps).",
-        f"7. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "
+        (f"7. **polish**: the reader (projector + LLM) fine-tuned on exactly what inference shows it, the Hard Top-K "
+         f"of the frozen scorer (k = {tr['model']['k']} clean tokens in slide order; stage 2 shows every token, ~k of "
+         f"them clean), {po['steps']} steps of batch {po['batch_size']}, lr {po['lr']}, scorer held still; final loss "
+         f"{po['final_loss_mean_last10pct']:.4f}." if po.get("steps") else "7. **polish**: off (`polish.steps = 0`)."),
+        f"8. **eval**: the `sparsewsi eval` runner (CheckpointPredictor, greedy decoding, answer-extraction cascade) on "
         f"the {eval_info['questions']} test questions for each selector at k = {k}; `all` shows every token "
         f"(cap {config.eval.all_tokens_cap}).",
         "",
@@ -1244,7 +1316,7 @@ def stage_report(config, paths: Paths, stages: dict[str, Any], command: str, log
     pictures["accuracy chart"] = "accuracy.png"
     hist = read_metrics(paths.train)
     if hist:
-        training_curves(hist, rep / "training_curves.png")
+        training_curves(hist, rep / "training_curves.png", polish=read_metrics(paths.polish))
         pictures["training curves"] = "training_curves.png"
     inner, _ = load_predictor(config, paths)  # the trained model, loaded once for the pictures and the ranks
     maps = selection_heatmaps(config, paths, rep / "heatmaps", inner, log=log)
@@ -1303,6 +1375,8 @@ def run_demo(config, out_dir: os.PathLike | str, *, command: str = "sparsewsi de
                     info = stage_align(config, paths, stages["dataset"]["info"], log)
                 elif st == "train":
                     info = stage_train(config, paths, stages["dataset"]["info"], log)
+                elif st == "polish":
+                    info = stage_polish(config, paths, stages["dataset"]["info"], log)
                 elif st == "eval":
                     info = stage_eval(config, paths, log)
                 else:
