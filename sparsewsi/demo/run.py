@@ -347,20 +347,20 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     info = {"data_path": os.fspath(builder.data_path), "feature_dim": d, "train_questions": kept.get("train"),
             "train_questions_original": len(train_rows), "test_questions": kept.get("test"), "skipped": skipped}
     a = config.align
-    sets = [("", "r", int(a.tokens))] if int(a.steps) > 0 else []
+    # (name, bag-name tag, tokens): the alignment's region bags, and its first phase's short bags when it has one.
+    sets = [("align", "r", int(a.tokens))] if int(a.steps) > 0 else []
     if int(a.steps) > 0 and int(a.get("short_steps", 0)) > 0:
-        sets.append(("short_", "s", int(a.short_tokens)))
-    for prefix, tag, tokens in sets:
+        sets.append(("align_short", "s", int(a.short_tokens)))
+    for name, tag, tokens in sets:
         region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), tokens, int(config.seed), log,
                                         feature_norm=str(config.train.model.feature_norm),
                                         lookalikes=bool(config.align.get("lookalikes", False)),
                                         mosaic=bool(config.align.get("mosaic", False)), tag=tag)
-        align_csv = qdir / f"align{'_' + prefix.rstrip('_') if prefix else ''}.csv"
+        align_csv = qdir / f"{name}.csv"
         write_csv_atomic(align_csv, region_rows, CSV_COLUMNS)
         ab = build("synthetic_slidebench", {"train": align_csv}, features_root=paths.regions,
-                   data_dir=paths.dataset / f"tfds_align{'_' + prefix.rstrip('_') if prefix else ''}", feature_dim=d,
-                   reply=str(config.dataset.reply))
-        info.update({f"align_{prefix}data_path": os.fspath(ab.data_path), f"align_{prefix}questions": len(region_rows)})
+                   data_dir=paths.dataset / f"tfds_{name}", feature_dim=d, reply=str(config.dataset.reply))
+        info.update({f"{name}_data_path": os.fspath(ab.data_path), f"{name}_questions": len(region_rows)})
         log(f"dataset: region alignment set {ab.data_path} ({len(region_rows)} questions over "
             f"{len(region_rows) and len({r['Slide'] for r in region_rows})} region bags of {tokens} tokens)")
     return info
