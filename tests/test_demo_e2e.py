@@ -353,3 +353,15 @@ def test_region_bags_mosaic_draws_evidence_of_the_same_kind_and_lookalikes_from_
             assert all(s == sid for (s, i), e in zip(src, ev) if not e and i != 10)  # the fill is the slide's own
             ev_sources |= {(sid, s) for (s, i), e in zip(src, ev) if e}
     assert ("K1", "K2") in ev_sources and ("K2", "K1") in ev_sources  # evidence crosses slides of a kind
+
+
+def test_probe_reads_a_demo_run_folder(first_run, tmp_path):
+    from sparsewsi.demo import probe
+
+    out, _, _ = first_run
+    res = probe.probe_run_folder(out, log=None)
+    assert json.loads((out / "probe.json").read_text())["mlp_kinds"]["classes"] == res["mlp_kinds"]["classes"]
+    assert res["slides"] == 6 and res["mlp_kinds"]["test_patches"] > 0
+    assert 0.0 <= res["mlp_kinds"]["per_class_accuracy"]["tissue"] <= 1.0
+    with pytest.raises(FileNotFoundError, match="not a demo run folder"):
+        probe.probe_run_folder(tmp_path, log=None)

@@ -310,3 +310,37 @@ def test_annotated_bags_tfds_build_and_encoder_separates_evidence(bench, feature
     res = probe.probe(feats, classes, tr, te, k=32)
     assert res["linear_probe"]["auc_evidence_vs_all"] > 0.9
     assert res["linear_probe"]["recall@32"] > res["random_recall@32"]
+
+
+def test_mlp_kind_probe_tells_structure_kinds_apart_and_not_labels_the_features_do_not_carry():
+    # Six bags of plain tissue (noise) with structure patches whose kind sets one feature far out,
+    # on either side (as the demo's kinds sit at both ends of its colour axis).
+    rng = np.random.default_rng(0)
+    feats, kinds = [], []
+    shifts = {0: (0, 6.0), 1: (1, 6.0), 5: (0, -6.0)}  # kind -> (feature, shift)
+    for _ in range(6):
+        x = rng.normal(size=(200, 8)).astype(np.float32)
+        k = np.full(200, -1, np.int8)
+        for j, (kind, (dim, shift)) in enumerate(shifts.items()):
+            idx = np.arange(10 * j, 10 * j + 10)
+            x[idx, dim] += shift
+            k[idx] = kind
+        feats.append(x)
+        kinds.append(k)
+    res = probe.mlp_kind_probe(feats, kinds, [0, 1, 2, 3], [4, 5], steps=400)
+    acc = res["per_class_accuracy"]
+    names = res["classes"]
+    assert names[0] == "tissue" and len(res["confusion"]) == len(names)
+    for kind in shifts:
+        assert acc[probe.ALL_KINDS[kind]] >= 0.9, acc
+    assert acc["tissue"] >= 0.9 and acc[probe.ALL_KINDS[2]] is None  # kind 2 never occurs
+    assert res["test_patches"] == 2 * (30 + 20)
+    # The same patches with their kinds shuffled: nothing to learn, the probe must not find it.
+    shuffled = []
+    for k in kinds:
+        k = k.copy()
+        m = k >= 0
+        k[m] = rng.permutation(k[m])
+        shuffled.append(k)
+    res = probe.mlp_kind_probe(feats, shuffled, [0, 1, 2, 3], [4, 5], steps=400)
+    assert np.mean([res["per_class_accuracy"][probe.ALL_KINDS[k]] for k in shifts]) < 0.7

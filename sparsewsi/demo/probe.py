@@ -10,6 +10,10 @@ evidence boxes, and fits two probes on the training slides, scored on held-out s
   evidence: recall@k, against the recall@k that random and uniform (evenly spaced) ``k`` reach.
 
     python -m sparsewsi.demo.probe --out /tmp/probe --slides 24 --encoder tiny
+    python -m sparsewsi.demo.probe --run runs/demo     # the demo's own slides and features
+
+A third probe, a small MLP fitted to tell plain tissue and every structure kind apart (slide-normalised
+features, as the demo's model sees them), is the ceiling a reader of the selected tokens could reach.
 
 Writes ``probe.json`` (atomic) in ``--out`` and prints it.
 """
@@ -77,6 +81,88 @@ def kind_accuracy(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], t
         ev_total += int(ev.sum())
     return {"kind_accuracy_all_structures": correct / max(total, 1),
             "kind_accuracy_evidence_patches": ev_correct / max(ev_total, 1), "structure_patches_tested": total}
+
+
+def mlp_kind_probe(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], train: Sequence[int],
+                   test: Sequence[int], *, tissue_per_bag: int = 20, hidden: int = 128, steps: int = 1500,
+                   lr: float = 3e-3, squares: bool = True, seed: int = 0) -> dict[str, Any]:
+    """A supervised ceiling for the demo's reader: per-patch classification into plain tissue and the
+    structure kinds of :data:`ALL_KINDS` by a one-hidden-layer MLP fitted on the ``train`` bags.
+
+    The reader sees a patch only through its features, normalised per slide (median / MAD, the demo
+    model's ``bag_robust``); the probe sees the same (with ``squares``, also ``log1p(x^2)``, as the
+    demo's scorer). Every structure patch of a bag is used, plus ``tissue_per_bag`` random plain-tissue
+    patches; the loss is class-balanced. A reader as good as this probe on the patches it is shown would
+    name a slide's evidence kind about as often as the per-class accuracies here.
+
+    Args:
+      features: per bag, [N, D] raw patch features.
+      kinds: per bag, [N] int (:func:`patch_kinds`: index into :data:`ALL_KINDS`, -1 plain tissue).
+      train / test: bag indices.
+    Returns:
+      ``classes`` (names, "tissue" first), ``per_class_accuracy`` on the test bags' patches (None for a
+      class absent there), ``confusion`` [true][predicted] counts, ``train_patches``, ``test_patches``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from sparsewsi.demo.run import slide_normalized
+
+    names = ["tissue"] + list(ALL_KINDS)
+    rng = np.random.default_rng(seed)
+
+    def rows(indices):
+        xs, ys = [], []
+        for i in indices:
+            z = slide_normalized(np.asarray(features[i], np.float32), "bag_robust")
+            if squares:
+                z = np.concatenate([z, np.log1p(z ** 2)], 1)
+            y = np.asarray(kinds[i], np.int64) + 1  # -1 (tissue) -> 0
+            tissue = np.flatnonzero(y == 0)
+            keep = np.concatenate([np.flatnonzero(y > 0), rng.choice(tissue, min(tissue_per_bag, len(tissue)),
+                                                                       replace=False)])
+            xs.append(z[keep])
+            ys.append(y[keep])
+        return np.concatenate(xs), np.concatenate(ys)
+
+    xtr, ytr = rows(train)
+    xte, yte = rows(test)
+    counts = np.bincount(ytr, minlength=len(names)).astype(np.float64)
+    weight = jnp.asarray(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / (counts > 0).sum(), 0.0),
+                         jnp.float32)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    d = xtr.shape[1]
+    params = {"w1": jax.random.normal(k1, (d, hidden)) / np.sqrt(d), "b1": jnp.zeros(hidden),
+              "w2": jax.random.normal(k2, (hidden, len(names))) / np.sqrt(hidden), "b2": jnp.zeros(len(names))}
+
+    def logits(p, x):
+        return jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    def loss(p, x, y):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y)
+        return jnp.sum(ce * weight[y]) / jnp.sum(weight[y]) + 1e-4 * sum(jnp.sum(v ** 2) for v in jax.tree.leaves(p))
+
+    opt = optax.adam(lr)
+    x, y = jnp.asarray(xtr, jnp.float32), jnp.asarray(ytr)
+
+    @jax.jit
+    def fit(p):
+        def body(carry, _):
+            p, st = carry
+            g = jax.grad(loss)(p, x, y)
+            u, st = opt.update(g, st)
+            return (optax.apply_updates(p, u), st), None
+        return jax.lax.scan(body, (p, opt.init(p)), None, length=steps)[0][0]
+
+    params = fit(params)
+    pred = np.asarray(jnp.argmax(logits(params, jnp.asarray(xte, jnp.float32)), 1))
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(confusion, (yte, pred), 1)
+    per_class = {n: (float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None)
+                 for c, n in enumerate(names)}
+    return {"classes": names, "per_class_accuracy": per_class, "confusion": confusion.tolist(),
+            "train_patches": int(len(ytr)), "test_patches": int(len(yte)), "squares": squares}
 
 
 def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,11 +250,56 @@ def probe(features: Sequence[np.ndarray], classes: Sequence[np.ndarray], train: 
     }
 
 
+def load_bags(bench_dir: pathlib.Path, features_dir: pathlib.Path, manifest: dict[str, Any]):
+    """Every slide of ``manifest`` with a feature file: (features [N, D] list, :func:`patch_classes` list,
+    :func:`patch_kinds` list, train bag indices, test bag indices)."""
+    import h5py
+
+    feats, classes, kinds, split = [], [], [], []
+    for s in manifest["slides"]:
+        h5 = features_dir / f"{s['slide_id']}.h5"
+        if not h5.is_file():
+            continue
+        rec = json.loads((bench_dir / s["evidence_file"]).read_text())
+        with h5py.File(h5, "r") as f:
+            x = np.asarray(f["features"], np.float32)
+            coords = np.asarray(f["coords"])
+            ps = float(f["coords"].attrs["patch_size_level0_exact"])
+        feats.append(x)
+        classes.append(patch_classes(coords, ps, rec))
+        kinds.append(patch_kinds(coords, ps, rec))
+        split.append(s["split"])
+    train = [i for i, sp in enumerate(split) if sp == "train"]
+    test = [i for i, sp in enumerate(split) if sp == "test"]
+    return feats, classes, kinds, train, test
+
+
+def probe_run_folder(run_dir: os.PathLike | str, *, k: int = 32, log=print) -> dict[str, Any]:
+    """Probe the slides and features of a finished ``sparsewsi demo`` run folder (``bench/``, ``features/``)
+    without generating anything; writes ``<run_dir>/probe.json`` (atomic) and returns it."""
+    run_dir = pathlib.Path(run_dir)
+    man_path = run_dir / "bench" / "manifest.json"
+    if not man_path.is_file() or not (run_dir / "features").is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a demo run folder (needs bench/manifest.json and features/; "
+                                "run `sparsewsi demo --until extract` first)")
+    man = json.loads(man_path.read_text())
+    feats, classes, kinds, train, test = load_bags(run_dir / "bench", run_dir / "features", man)
+    if not train or not test:
+        raise ValueError(f"{run_dir}: the probe needs train and test slides with features "
+                         f"(found {len(train)} train, {len(test)} test)")
+    res = probe(feats, classes, train, test, k=k)
+    res["nearest_centroid_kinds"] = kind_accuracy(feats, kinds, train, test)
+    res["mlp_kinds"] = mlp_kind_probe(feats, kinds, train, test)
+    res.update({"run_dir": os.fspath(run_dir), "slides": len(feats), "patches": int(sum(len(x) for x in feats))})
+    ss.write_json_atomic(run_dir / "probe.json", res)
+    if log:
+        log(json.dumps(res, indent=1))
+    return res
+
+
 def run(out_dir: os.PathLike | str, cfg: ss.BenchmarkConfig, *, encoder: str = "tiny", encoder_seed: int = 0,
         workers: int = 1, k: int = 32, log=print) -> dict[str, Any]:
     """Generate ``cfg`` in ``out_dir/bench``, extract to ``out_dir/features``, probe; returns the results."""
-    import h5py
-
     from sparsewsi.features import extract
 
     out = pathlib.Path(out_dir)
@@ -182,26 +313,11 @@ def run(out_dir: os.PathLike | str, cfg: ss.BenchmarkConfig, *, encoder: str = "
     results = extract.run_extraction(slides, str(out / "features"), ecfg, progress=False, log=lambda s: None)
     t_ext = time.perf_counter() - t1
     failed = [r.reason for r in results if r.status == "failed"]
-    feats, classes, kinds, split = [], [], [], []
-    n_patches = 0
-    for s in man["slides"]:
-        h5 = out / "features" / f"{s['slide_id']}.h5"
-        if not h5.is_file():
-            continue
-        rec = json.loads((out / "bench" / s["evidence_file"]).read_text())
-        with h5py.File(h5, "r") as f:
-            x = np.asarray(f["features"], np.float32)
-            coords = np.asarray(f["coords"])
-            ps = float(f["coords"].attrs["patch_size_level0_exact"])
-        feats.append(x)
-        classes.append(patch_classes(coords, ps, rec))
-        kinds.append(patch_kinds(coords, ps, rec))
-        split.append(s["split"])
-        n_patches += len(x)
-    train = [i for i, sp in enumerate(split) if sp == "train"]
-    test = [i for i, sp in enumerate(split) if sp == "test"]
+    feats, classes, kinds, train, test = load_bags(out / "bench", out / "features", man)
+    n_patches = sum(len(x) for x in feats)
     res = probe(feats, classes, train, test, k=k)
     res["nearest_centroid_kinds"] = kind_accuracy(feats, kinds, train, test)
+    res["mlp_kinds"] = mlp_kind_probe(feats, kinds, train, test)
     ev_frac = [float((c == EVIDENCE).sum() / len(c)) for c in classes]
     foci = [s["count"] for s in man["slides"]]
     res.update({
@@ -222,7 +338,9 @@ def run(out_dir: os.PathLike | str, cfg: ss.BenchmarkConfig, *, encoder: str = "
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsewsi.demo.probe", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="folder for a new small benchmark, its features and probe.json")
+    p.add_argument("--run", help="probe a finished `sparsewsi demo` run folder instead (its bench/ and features/; "
+                                 "writes <run>/probe.json)")
     p.add_argument("--slides", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", choices=sorted(ss.PRESETS), default="demo")
@@ -231,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("-k", type=int, default=32)
     a = p.parse_args(argv)
+    if bool(a.out) == bool(a.run):
+        p.error("give exactly one of --out (generate and probe) and --run (probe a demo run folder)")
+    if a.run:
+        probe_run_folder(a.run, k=a.k)
+        return 0
     import dataclasses
 
     cfg = dataclasses.replace(ss.PRESETS[a.preset], num_slides=a.slides, seed=a.seed)
