@@ -105,7 +105,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # `short_steps` / `short_tokens`: the alignment first reads short bags (8 tokens: a slide's evidence and look-alikes
     # drawn as above, little fill) without noise slots for 300 steps, then 400 steps as above. On the 32-token bags among
     # 192 noise tokens the loss sat at chance (~0.7) for ~300 of 650 steps; on 8-token bags it fell below 0.4 within
-    # 120 steps, and the two phases take ~130 s less than 650 steps. Same seed and slides, with polish (below),
+    # 120 steps. From scratch on one machine the align stage took 298 s against 371 s for 650 steps (the short bags'
+    # set adds 13 s to the dataset stage). Same seed and slides, with polish (below),
     # learned / oracle %, recall@32: 79.2 / 88.3 / 0.935, against 82.5 / 90.0 / 0.941 after 650 steps (stage 2 of 200
     # steps; one question is 0.8 points). The whole default from scratch on one machine: 76.7 / 87.5 / 0.926 in 864 s,
     # where the previous default (650 steps, stage 2 of 250, no polish) gave 76.7 / 91.7 / 0.941 in 930 s.

@@ -363,5 +363,18 @@ def test_probe_reads_a_demo_run_folder(first_run, tmp_path):
     assert json.loads((out / "probe.json").read_text())["mlp_kinds"]["classes"] == res["mlp_kinds"]["classes"]
     assert res["slides"] == 6 and res["mlp_kinds"]["test_patches"] > 0
     assert 0.0 <= res["mlp_kinds"]["per_class_accuracy"]["tissue"] <= 1.0
+    assert res["skipped"] == {}
     with pytest.raises(FileNotFoundError, match="not a demo run folder"):
         probe.probe_run_folder(tmp_path, log=None)
+    # A corrupt feature file is reported by path and skipped; the other slides are probed.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "bench", copy / "bench")
+    shutil.copytree(out / "features", copy / "features")
+    bad = sorted((copy / "features").glob("SYN-*.h5"))[0]
+    bad.write_bytes(b"not an h5 file")
+    logs = []
+    res = probe.probe_run_folder(copy, log=logs.append)
+    assert list(res["skipped"]) == [str(bad)] and res["slides"] == 5
+    assert any(str(bad) in line and "skipped" in line for line in logs)

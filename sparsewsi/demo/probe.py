@@ -251,27 +251,45 @@ def probe(features: Sequence[np.ndarray], classes: Sequence[np.ndarray], train: 
 
 
 def load_bags(bench_dir: pathlib.Path, features_dir: pathlib.Path, manifest: dict[str, Any]):
-    """Every slide of ``manifest`` with a feature file: (features [N, D] list, :func:`patch_classes` list,
-    :func:`patch_kinds` list, train bag indices, test bag indices)."""
+    """Every slide of ``manifest`` with a readable feature file and evidence record.
+
+    Returns (features [N, D] list, :func:`patch_classes` list, :func:`patch_kinds` list, train bag
+    indices, test bag indices, skipped: ``{path: reason}`` of the slides left out, e.g. a missing or
+    unreadable feature file)."""
     import h5py
 
-    feats, classes, kinds, split = [], [], [], []
+    feats, classes, kinds, split, skipped = [], [], [], [], {}
     for s in manifest["slides"]:
         h5 = features_dir / f"{s['slide_id']}.h5"
         if not h5.is_file():
+            skipped[os.fspath(h5)] = "no feature file"
             continue
-        rec = json.loads((bench_dir / s["evidence_file"]).read_text())
-        with h5py.File(h5, "r") as f:
-            x = np.asarray(f["features"], np.float32)
-            coords = np.asarray(f["coords"])
-            ps = float(f["coords"].attrs["patch_size_level0_exact"])
+        try:
+            rec = json.loads((bench_dir / s["evidence_file"]).read_text())
+            with h5py.File(h5, "r") as f:
+                x = np.asarray(f["features"], np.float32)
+                coords = np.asarray(f["coords"])
+                ps = float(f["coords"].attrs["patch_size_level0_exact"])
+            c, k = patch_classes(coords, ps, rec), patch_kinds(coords, ps, rec)
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            skipped[os.fspath(h5)] = f"{type(e).__name__}: {e}"
+            continue
         feats.append(x)
-        classes.append(patch_classes(coords, ps, rec))
-        kinds.append(patch_kinds(coords, ps, rec))
+        classes.append(c)
+        kinds.append(k)
         split.append(s["split"])
     train = [i for i, sp in enumerate(split) if sp == "train"]
     test = [i for i, sp in enumerate(split) if sp == "test"]
-    return feats, classes, kinds, train, test
+    return feats, classes, kinds, train, test, skipped
+
+
+def probe_all(features, classes, kinds, train, test, k: int = 32) -> dict[str, Any]:
+    """The three probes on loaded bags: :func:`probe` (linear, evidence vs the rest), nearest-centroid
+    kinds (:func:`kind_accuracy`) and the MLP kind probe (:func:`mlp_kind_probe`)."""
+    res = probe(features, classes, train, test, k=k)
+    res["nearest_centroid_kinds"] = kind_accuracy(features, kinds, train, test)
+    res["mlp_kinds"] = mlp_kind_probe(features, kinds, train, test)
+    return res
 
 
 def probe_run_folder(run_dir: os.PathLike | str, *, k: int = 32, log=print) -> dict[str, Any]:
@@ -283,14 +301,16 @@ def probe_run_folder(run_dir: os.PathLike | str, *, k: int = 32, log=print) -> d
         raise FileNotFoundError(f"{run_dir}: not a demo run folder (needs bench/manifest.json and features/; "
                                 "run `sparsewsi demo --until extract` first)")
     man = json.loads(man_path.read_text())
-    feats, classes, kinds, train, test = load_bags(run_dir / "bench", run_dir / "features", man)
+    feats, classes, kinds, train, test, skipped = load_bags(run_dir / "bench", run_dir / "features", man)
+    for path, reason in skipped.items():
+        if log:
+            log(f"probe: {path}: {reason}; slide skipped")
     if not train or not test:
         raise ValueError(f"{run_dir}: the probe needs train and test slides with features "
-                         f"(found {len(train)} train, {len(test)} test)")
-    res = probe(feats, classes, train, test, k=k)
-    res["nearest_centroid_kinds"] = kind_accuracy(feats, kinds, train, test)
-    res["mlp_kinds"] = mlp_kind_probe(feats, kinds, train, test)
-    res.update({"run_dir": os.fspath(run_dir), "slides": len(feats), "patches": int(sum(len(x) for x in feats))})
+                         f"(found {len(train)} train, {len(test)} test; {len(skipped)} skipped)")
+    res = probe_all(feats, classes, kinds, train, test, k=k)
+    res.update({"run_dir": os.fspath(run_dir), "slides": len(feats), "patches": int(sum(len(x) for x in feats)),
+                "skipped": skipped})
     ss.write_json_atomic(run_dir / "probe.json", res)
     if log:
         log(json.dumps(res, indent=1))
@@ -313,11 +333,10 @@ def run(out_dir: os.PathLike | str, cfg: ss.BenchmarkConfig, *, encoder: str = "
     results = extract.run_extraction(slides, str(out / "features"), ecfg, progress=False, log=lambda s: None)
     t_ext = time.perf_counter() - t1
     failed = [r.reason for r in results if r.status == "failed"]
-    feats, classes, kinds, train, test = load_bags(out / "bench", out / "features", man)
+    feats, classes, kinds, train, test, skipped = load_bags(out / "bench", out / "features", man)
     n_patches = sum(len(x) for x in feats)
-    res = probe(feats, classes, train, test, k=k)
-    res["nearest_centroid_kinds"] = kind_accuracy(feats, kinds, train, test)
-    res["mlp_kinds"] = mlp_kind_probe(feats, kinds, train, test)
+    res = probe_all(feats, classes, kinds, train, test, k=k)
+    res["skipped"] = skipped
     ev_frac = [float((c == EVIDENCE).sum() / len(c)) for c in classes]
     foci = [s["count"] for s in man["slides"]]
     res.update({
