@@ -60,7 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # which were drawn at signet-cell scale; with adipocytes drawn as large fat cells, 81% (vessels now).
     c.extract = ml_collections.ConfigDict(dict(
         encoder="tiny-112", weights="", encoder_seed=0, min_tissue=0.25, batch_size=64, threads=2,
-        thumbnails=True))
+        slide_workers=2, thumbnails=True))
 
     # Training questions: every training slide's identification question is also asked with its
     # options in `option_orders` further random orders (data augmentation of the training split
@@ -110,9 +110,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # learned / oracle %, recall@32: 79.2 / 88.3 / 0.935, against 82.5 / 90.0 / 0.941 after 650 steps (stage 2 of 200
     # steps; one question is 0.8 points). The whole default from scratch on one machine: 76.7 / 87.5 / 0.926 in 864 s,
     # where the previous default (650 steps, stage 2 of 250, no polish) gave 76.7 / 91.7 / 0.941 in 930 s.
-    c.align = ml_collections.ConfigDict(dict(steps=400, batch_size=16, lr=1e-3, regions_per_slide=8, tokens=32,
+    c.align = ml_collections.ConfigDict(dict(steps=300, batch_size=16, lr=1e-3, regions_per_slide=8, tokens=32,
                                              noise_slots=192, lookalikes=True, mosaic=True,
-                                             short_steps=300, short_tokens=8))
+                                             short_steps=450, short_tokens=8, patches_per_slide=8,
+                                             patch_evidence_repeat=1))
 
     # The trainer config (see sparsewsi/training/trainer.py); data.* is set by the demo.
     t = ml_collections.ConfigDict()

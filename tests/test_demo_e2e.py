@@ -82,12 +82,23 @@ def test_report_folder_has_every_file_and_selector(first_run):
     assert demo.latest_step(out / "align" / "short") == 2
     short_model = json.loads((out / "align" / "short" / "model.json").read_text())["model"]
     assert short_model["noise_slots"] == 0 and json.loads((out / "align" / "model.json").read_text())["model"]["noise_slots"] > 0
-    short_rows = list(csv.DictReader(open(out / "bench" / "questions" / "align_short.csv")))
-    assert short_rows and all(r["Slide"].rsplit("-s", 1)[0] in {x["Slide"] for x in csv.DictReader(
-        open(out / "bench" / "questions" / "train.csv"))} for r in short_rows)
+    # Its set holds the short bags and the single-patch questions (`align.patches_per_slide`).
+    first_rows = list(csv.DictReader(open(out / "bench" / "questions" / "align_short.csv")))
+    short_rows = [r for r in first_rows if "-s" in r["Slide"]]
+    patch_rows = [r for r in first_rows if "-p" in r["Slide"]]
+    assert len(short_rows) + len(patch_rows) == len(first_rows) and short_rows and patch_rows
+    train_ids = {x["Slide"] for x in csv.DictReader(open(out / "bench" / "questions" / "train.csv"))}
+    assert all(r["Slide"].rsplit("-s", 1)[0] in train_ids for r in short_rows)
+    assert all(r["Slide"].rsplit("-p", 1)[0] in train_ids for r in patch_rows)
     for r in short_rows:
         with h5py.File(out / "regions" / f"{r['Slide']}.h5") as f:
             assert len(f["features"]) == 8
+    for r in patch_rows:
+        with h5py.File(out / "regions" / f"{r['Slide']}.h5") as f:
+            assert len(f["features"]) == 1
+            # An evidence patch is answered with its slide's kind, any other with "none of these".
+            assert (r[r["Answer"]] == "none of these") == (not f["evidence"][0])
+    assert stages["dataset"]["info"]["align_short_patch_questions"] == len(patch_rows)
     # Region bags (`align.mosaic`, on in the demo): as many evidence and look-alike patches as the slide
     # holds, drawn from all training slides (evidence of the slide's kind), plus the slide's own random
     # patches, `tokens` in all; every patch normalised with its own whole slide's median / MAD.
@@ -353,6 +364,58 @@ def test_region_bags_mosaic_draws_evidence_of_the_same_kind_and_lookalikes_from_
             assert all(s == sid for (s, i), e in zip(src, ev) if not e and i != 10)  # the fill is the slide's own
             ev_sources |= {(sid, s) for (s, i), e in zip(src, ev) if e}
     assert ("K1", "K2") in ev_sources and ("K2", "K1") in ev_sources  # evidence crosses slides of a kind
+
+
+def test_patch_bags_ask_each_patch_what_it_shows(tmp_path):
+    """Single-patch bags (region-level supervision): every evidence patch (answer: the slide's kind, repeated),
+    then look-alikes and plain tissue (answer: "none of these"), each with its slide's normalisation; a question
+    without a "none of these" option is asked of the evidence patches only; a slide without its record is
+    reported and skipped; a rerun reuses the bags."""
+    import h5py
+
+    paths = demo.Paths(tmp_path)
+    paths.features.mkdir(parents=True)
+    (paths.bench / "evidence").mkdir(parents=True)
+    coords = np.stack(np.meshgrid(np.arange(8) * 100, np.arange(8) * 100), -1).reshape(-1, 2)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    evidence = np.zeros(64, np.uint8)
+    evidence[[3, 40]] = 1
+    for sid in ("S1", "S2", "S3"):
+        with h5py.File(paths.features / f"{sid}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset("coords", data=coords).attrs["patch_size_level0_exact"] = 100.0
+            f.create_dataset("evidence", data=evidence)
+    (paths.bench / "evidence" / "S1.json").write_text(json.dumps(
+        {"kind": "keratin_pearl", "distractors": [{"kind": "vessel", "box": [210, 110, 290, 190]}]}))  # row 10
+    (paths.bench / "evidence" / "S2.json").write_text(json.dumps({"kind": "keratin_pearl", "distractors": []}))
+    opts = {"A": "keratin pearl", "B": "psammoma body", "C": "none of these", "D": ""}
+    rows = [{"ID": "S1-kind", "Slide": "S1", **opts, "Answer": "A"},
+            {"ID": "S2-kind", "Slide": "S2", **opts, "A": "keratin pearl", "C": "signet-ring cell cluster",
+             "Answer": "A"},  # no "none of these" among its options
+            {"ID": "S3-kind", "Slide": "S3", **opts, "Answer": "A"}]  # S3 has no record
+    logs = []
+    out = demo.write_patch_bags(paths, rows, patches_per_slide=5, seed=0, log=logs.append, feature_norm="bag_robust",
+                                evidence_repeat=2)
+    assert any("S3.json" in m and "skipped" in m for m in logs)
+    s1 = [r for r in out if r["Slide"].startswith("S1-")]
+    assert [r["Answer"] for r in s1] == ["A", "A", "A", "A", "C", "C", "C"]  # 2 evidence x 2, then 3 others
+    assert len({r["ID"] for r in out}) == len(out)
+    normed = demo.slide_normalized(x, "bag_robust")
+    shown = []
+    for j in range(5):
+        with h5py.File(paths.regions / f"S1-p{j}.h5") as f:
+            feats, c, ev = np.asarray(f["features"]), np.asarray(f["coords"]), np.asarray(f["evidence"])
+        i = int(np.flatnonzero((coords == c[0]).all(1))[0])
+        np.testing.assert_allclose(feats[0], normed[i], rtol=1e-6)
+        assert ev.tolist() == [int(evidence[i])]
+        shown.append(i)
+    assert shown[:2] == [3, 40] and shown[2] == 10  # evidence first, then a look-alike before plain tissue
+    s2 = [r for r in out if r["Slide"].startswith("S2-")]
+    assert [r["Answer"] for r in s2] == ["A"] * 4  # evidence only: "none of these" is not an option
+    mtime = (paths.regions / "S1-p0.h5").stat().st_mtime_ns
+    assert demo.write_patch_bags(paths, rows, patches_per_slide=5, seed=0, log=logs.append,
+                                 feature_norm="bag_robust", evidence_repeat=2) == out
+    assert (paths.regions / "S1-p0.h5").stat().st_mtime_ns == mtime
 
 
 def test_probe_reads_a_demo_run_folder(first_run, tmp_path):

@@ -78,6 +78,27 @@ def test_extract_folder_with_bad_inputs(slide_dir, tmp_path, capsys):
         assert f["coords"].attrs["mpp_source"] == "override"
 
 
+def test_slide_workers_write_the_same_files_and_report_in_input_order(slide_dir, tmp_path):
+    # Several slides at once (threads sharing the encoder), bad ones among them: the same features, the
+    # same statuses, and the summary in input order, as one slide at a time.
+    slides = X.list_slides([str(slide_dir)])
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        cfg = X.ExtractConfig(encoder="tiny", batch_size=12, thumbnails=False, slide_workers=workers)
+        res = X.run_extraction(slides, str(out), cfg, progress=workers > 1, log=lambda m: None)
+        runs[workers] = (out, res)
+    (out1, res1), (out2, res2) = runs[1], runs[2]
+    assert [r.slide for r in res2] == [r.slide for r in res1] == slides
+    assert [r.status for r in res2] == [r.status for r in res1]
+    assert sum(r.status == "done" for r in res2) == 2 and sum(r.status == "failed" for r in res2) == 4
+    assert [r.reason for r in res2] == [r.reason for r in res1]
+    for name in ("svs_20x.h5", "tiff_nonround.h5"):
+        with h5py.File(out1 / name) as f1, h5py.File(out2 / name) as f2:
+            np.testing.assert_array_equal(f1["coords"][()], f2["coords"][()])
+            np.testing.assert_allclose(f1["features"][()], f2["features"][()], atol=1e-6)
+
+
 def test_h5_layout_features_and_reader_roundtrip(slide_dir, tmp_path):
     out = tmp_path / "feats"
     cfg = X.ExtractConfig(encoder="tiny", batch_size=12, thumbnails=False)

@@ -59,7 +59,8 @@ STAGES = ("slides", "extract", "annotate", "dataset", "align", "train", "polish"
 STAGES_FILE = "stages.json"
 CONFIG_FILE = "demo_config.json"
 # Settings that do not change any result (throughput and display only): may differ between reruns.
-VOLATILE_KEYS = ("progress", "workers", "extract.batch_size", "extract.threads", "train.progress",
+VOLATILE_KEYS = ("progress", "workers", "extract.batch_size", "extract.threads", "extract.slide_workers",
+                 "train.progress",
                  "train.log_every", "eval.batch_size")
 
 
@@ -227,7 +228,7 @@ def extract_config(config):
     return ExtractConfig(encoder=str(e.encoder), weights=str(e.weights) or None, seed=int(e.encoder_seed),
                          patch_size=int(config.slides.patch_size), target_mpp=float(config.slides.target_mpp),
                          min_tissue=float(e.min_tissue), batch_size=int(e.batch_size), num_threads=int(e.threads),
-                         thumbnails=bool(e.thumbnails))
+                         slide_workers=int(e.get("slide_workers", 1)), thumbnails=bool(e.thumbnails))
 
 
 def stage_extract(config, paths: Paths, log: Log = print) -> dict[str, Any]:
@@ -351,18 +352,26 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     sets = [("align", "r", int(a.tokens))] if int(a.steps) > 0 else []
     if int(a.steps) > 0 and int(a.get("short_steps", 0)) > 0:
         sets.append(("align_short", "s", int(a.short_tokens)))
-    for name, tag, tokens in sets:
+    for n_set, (name, tag, tokens) in enumerate(sets):
         region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), tokens, int(config.seed), log,
                                         feature_norm=str(config.train.model.feature_norm),
                                         lookalikes=bool(config.align.get("lookalikes", False)),
                                         mosaic=bool(config.align.get("mosaic", False)), tag=tag)
+        n_bags, patch_rows = len({r["Slide"] for r in region_rows}), []
+        if n_set == len(sets) - 1 and int(a.get("patches_per_slide", 0)) > 0:
+            # Single-patch questions join the alignment's first phase (the short bags when it has them).
+            patch_rows = write_patch_bags(paths, rows, int(a.patches_per_slide), int(config.seed), log,
+                                          feature_norm=str(config.train.model.feature_norm),
+                                          evidence_repeat=int(a.get("patch_evidence_repeat", 1)))
+            info[f"{name}_patch_questions"] = len(patch_rows)
         align_csv = qdir / f"{name}.csv"
-        write_csv_atomic(align_csv, region_rows, CSV_COLUMNS)
+        write_csv_atomic(align_csv, region_rows + patch_rows, CSV_COLUMNS)
         ab = build("synthetic_slidebench", {"train": align_csv}, features_root=paths.regions,
                    data_dir=paths.dataset / f"tfds_{name}", feature_dim=d, reply=str(config.dataset.reply))
-        info.update({f"{name}_data_path": os.fspath(ab.data_path), f"{name}_questions": len(region_rows)})
-        log(f"dataset: region alignment set {ab.data_path} ({len(region_rows)} questions over "
-            f"{len(region_rows) and len({r['Slide'] for r in region_rows})} region bags of {tokens} tokens)")
+        info.update({f"{name}_data_path": os.fspath(ab.data_path), f"{name}_questions": len(region_rows) + len(patch_rows)})
+        log(f"dataset: region alignment set {ab.data_path} ({len(region_rows)} questions over {n_bags} region bags "
+            f"of {tokens} tokens" + (f", {len(patch_rows)} over {len({r['Slide'] for r in patch_rows})} single patches"
+                                     if patch_rows else "") + ")")
     return info
 
 
@@ -438,47 +447,14 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     """
     import h5py
 
-    from sparsewsi.demo.synthetic_slides import evidence_labels
-
     paths.regions.mkdir(parents=True, exist_ok=True)
     by_slide: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_slide.setdefault(row["Slide"], []).append(row)
     recipe = _region_recipe(feature_norm, tokens, seed, lookalikes, mosaic)
     # Pass 1: each slide's patches, evidence and look-alikes (normalised when a bag first needs them).
-    slides: dict[str, dict[str, Any]] = {}
-    for slide in sorted(by_slide):
-        src = paths.features / f"{slide}.h5"
-        try:
-            with h5py.File(src, "r") as f:
-                feats = np.asarray(f["features"])
-                coords = np.asarray(f["coords"])
-                coord_attrs = dict(f["coords"].attrs)
-                evidence = np.asarray(f["evidence"], bool)
-        except (OSError, KeyError) as e:
-            log(f"dataset: {src}: no region bags ({type(e).__name__}: {e}); slide skipped")
-            continue
-        look = np.zeros_like(evidence)
-        kind = None
-        if lookalikes or mosaic:
-            rec_path = paths.bench / "evidence" / f"{slide}.json"
-            try:
-                rec = json.loads(rec_path.read_text())
-                boxes = [d["box"] for d in rec["distractors"]]
-                kind = rec["kind"] if mosaic else None  # a mosaic draws evidence of the slide's kind
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log(f"dataset: {rec_path}: cannot read the look-alike boxes{' and kind' if mosaic else ''} "
-                    f"({type(e).__name__}: {e}); slide skipped for the region bags")
-                continue
-            if lookalikes and boxes:
-                look = evidence_labels(coords, float(coord_attrs["patch_size_level0_exact"]), boxes) & ~evidence
-        slides[slide] = dict(feats=feats, coords=coords, coord_attrs=coord_attrs, evidence=evidence, look=look,
-                             kind=kind, normed=None)
-
-    def normed(sl: dict[str, Any]) -> np.ndarray:
-        if sl["normed"] is None:
-            sl["normed"] = slide_normalized(sl["feats"], feature_norm)
-        return sl["normed"]
+    slides = _training_slides(paths, sorted(by_slide), records=lookalikes or mosaic, lookalikes=lookalikes,
+                              feature_norm=feature_norm, need_kind=mosaic, log=log)
 
     # The mosaic's pools, as (slide, patch index): evidence by the slide's kind, look-alikes of any kind.
     ev_pool: dict[Any, list[tuple[str, int]]] = {}
@@ -508,12 +484,12 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
                         picked += [src_pool[int(i)] for i in rng.choice(len(src_pool), size=n, replace=False)]
                     parts = [(slide, int(i)) for i in fill] + picked
                     parts = [parts[int(i)] for i in rng.permutation(len(parts))]
-                    feats_ = np.stack([normed(slides[sid])[i] for sid, i in parts])
+                    feats_ = np.stack([_normed(slides[sid])[i] for sid, i in parts])
                     coords_ = np.stack([slides[sid]["coords"][i] for sid, i in parts])
                     flags = np.array([slides[sid]["evidence"][i] for sid, i in parts], np.uint8)
                 else:
                     idx = np.sort(np.concatenate([kept, fill]))
-                    feats_, coords_, flags = normed(sl)[idx], sl["coords"][idx], evidence[idx].astype(np.uint8)
+                    feats_, coords_, flags = _normed(sl)[idx], sl["coords"][idx], evidence[idx].astype(np.uint8)
                 with atomic.atomic_path(dst) as tmp:
                     with h5py.File(tmp, "w") as f:
                         fd = f.create_dataset("features", data=feats_)
@@ -525,6 +501,119 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
                         f.create_dataset("evidence", data=flags)
             for row in by_slide[slide]:
                 out.append(dict(row, ID=f"{row['ID']}-{tag}{j}", Slide=name))
+    return out
+
+
+def _training_slides(paths: Paths, slide_ids: Sequence[str], *, records: bool, lookalikes: bool,
+                     feature_norm: str, need_kind: bool = False, log: Log = print) -> dict[str, dict[str, Any]]:
+    """Each training slide's bag for the region and patch bags: ``{slide: dict(feats, coords, coord_attrs,
+    evidence, look, kind, feature_norm, normed)}`` (``look``: look-alike patches, read from the slide's
+    benchmark record with ``records`` and ``lookalikes``; ``kind``: the slide's kind from the record, which
+    must name it with ``need_kind``).
+    A slide whose feature file or record cannot be read is reported by path and left out."""
+    import h5py
+
+    from sparsewsi.demo.synthetic_slides import evidence_labels
+
+    slides: dict[str, dict[str, Any]] = {}
+    for slide in slide_ids:
+        src = paths.features / f"{slide}.h5"
+        try:
+            with h5py.File(src, "r") as f:
+                feats = np.asarray(f["features"])
+                coords = np.asarray(f["coords"])
+                coord_attrs = dict(f["coords"].attrs)
+                evidence = np.asarray(f["evidence"], bool)
+        except (OSError, KeyError) as e:
+            log(f"dataset: {src}: no region bags ({type(e).__name__}: {e}); slide skipped")
+            continue
+        look = np.zeros_like(evidence)
+        kind = None
+        if records:
+            rec_path = paths.bench / "evidence" / f"{slide}.json"
+            try:
+                rec = json.loads(rec_path.read_text())
+                boxes = [d["box"] for d in rec["distractors"]]
+                kind = rec["kind"] if need_kind else rec.get("kind")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log(f"dataset: {rec_path}: cannot read the slide's record (look-alike boxes, kind) "
+                    f"({type(e).__name__}: {e}); slide skipped for the region bags")
+                continue
+            if lookalikes and boxes:
+                look = evidence_labels(coords, float(coord_attrs["patch_size_level0_exact"]), boxes) & ~evidence
+        slides[slide] = dict(feats=feats, coords=coords, coord_attrs=coord_attrs, evidence=evidence, look=look,
+                             kind=kind, feature_norm=feature_norm, normed=None)
+    return slides
+
+
+def _normed(sl: dict[str, Any]) -> np.ndarray:
+    """A :func:`_training_slides` slide's features normalised by the whole slide (computed once)."""
+    if sl["normed"] is None:
+        sl["normed"] = slide_normalized(sl["feats"], sl["feature_norm"])
+    return sl["normed"]
+
+
+def write_patch_bags(paths: Paths, rows: Sequence[dict[str, str]], patches_per_slide: int, seed: int,
+                     log: Log = print, feature_norm: str = "token", evidence_repeat: int = 1,
+                     tag: str = "p") -> list[dict[str, str]]:
+    """Single-patch bags and their questions for the alignment (training slides only): region-level supervision.
+
+    Each training slide gives ``patches_per_slide`` one-patch bags (``regions/<slide>-<tag><j>.h5``, TRIDENT
+    layout, written atomically, reused when written with the same settings): all of its evidence patches, then
+    its look-alike patches and plain tissue, alternating, drawn at random. Each is asked the slide's questions,
+    answered for that patch alone: the slide's kind for an evidence patch, "none of these" for any other (a
+    question without that option is not asked of them). Evidence questions are repeated ``evidence_repeat``
+    times (there are few evidence patches). This is the demo's stand-in for ROI-level captions: the reader is
+    told what each kind of patch is, where a slide's answer only says that one of its ~350 patches is of a kind.
+    The features carry their slide's normalisation as the region bags' do (:func:`write_region_bags`).
+    """
+    import h5py
+
+    from sparsewsi.demo.synthetic_slides import NONE_OPTION, kind_name
+
+    paths.regions.mkdir(parents=True, exist_ok=True)
+    by_slide: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_slide.setdefault(row["Slide"], []).append(row)
+    recipe = json.dumps({"patch": True, "slide_norm": _slide_norm(feature_norm), "seed": int(seed)}, sort_keys=True)
+    slides = _training_slides(paths, sorted(by_slide), records=True, lookalikes=True, feature_norm=feature_norm,
+                              need_kind=True, log=log)
+    out = []
+    for slide, sl in slides.items():
+        ev, look = sl["evidence"], sl["look"]
+        rng = np.random.default_rng([seed, int(hashlib.sha256(f"{slide}-{tag}".encode()).hexdigest()[:8], 16)])
+        others_look = [int(i) for i in rng.permutation(np.flatnonzero(look))]
+        plain = np.flatnonzero(~(ev | look))
+        others_plain = [int(i) for i in rng.permutation(plain)]
+        others = []  # look-alike, plain, look-alike, plain, ... then plain
+        while others_look or others_plain:
+            for pool in (others_look, others_plain):
+                if pool:
+                    others.append(pool.pop(0))
+        picks = [(int(i), True) for i in np.flatnonzero(ev)]
+        picks += [(i, False) for i in others[:max(patches_per_slide - len(picks), 0)]]
+        for j, (i, is_evidence) in enumerate(picks):
+            name = f"{slide}-{tag}{j}"
+            dst = paths.regions / f"{name}.h5"
+            patch_recipe = json.dumps({"recipe": recipe, "patch": i})
+            if not _region_bag_done(dst, patch_recipe):
+                with atomic.atomic_path(dst) as tmp:
+                    with h5py.File(tmp, "w") as f:
+                        fd = f.create_dataset("features", data=_normed(sl)[i:i + 1])
+                        fd.attrs["slide_norm"] = _slide_norm(feature_norm)
+                        fd.attrs["region_recipe"] = patch_recipe
+                        c = f.create_dataset("coords", data=sl["coords"][i:i + 1])
+                        for k, v in sl["coord_attrs"].items():
+                            c.attrs[k] = v
+                        f.create_dataset("evidence", data=np.array([is_evidence], np.uint8))
+            answer = kind_name(sl["kind"]) if is_evidence else NONE_OPTION
+            for row in by_slide[slide]:
+                letter = next((L for L in "ABCD" if row.get(L) == answer), None)
+                if letter is None:
+                    continue  # no option names this patch (no "none of these" among the options)
+                for r in range(int(evidence_repeat) if is_evidence else 1):
+                    out.append(dict(row, ID=f"{row['ID']}-{tag}{j}" + (f"-{r}" if r else ""), Slide=name,
+                                    Answer=letter))
     return out
 
 

@@ -56,6 +56,9 @@ class ExtractConfig:
     tissue: TissueParams = TissueParams()
     batch_size: int = 64
     num_threads: int = 2
+    # Slides extracted at once (threads sharing the one jitted encoder): a slide's own work (opening,
+    # tissue mask, grid, writing) is serial Python, so with small slides one slide at a time leaves cores idle.
+    slide_workers: int = 1
     block_px: int = 3072
     thumbnails: bool = True
 
@@ -304,12 +307,39 @@ def run_extraction(slides: Iterable[str], out_dir: str, cfg: ExtractConfig, *, p
         seen[name] = path
         todo.append(path)
     encoder = DeviceEncoder(cfg) if todo else None
-    for i, path in enumerate(todo):
-        r = extract_slide(path, out_dir, encoder, cfg, progress=progress)
-        results.append(r)
+    workers = max(1, int(cfg.slide_workers))
+
+    def report(i: int, path: str, r: SlideResult) -> None:
         rate = f", {r.patches / r.seconds:.0f} patches/s" if r.status == "done" and r.seconds > 0 else ""
-        log(f"[process {pi}/{pc}] {i + 1}/{len(todo)} {r.status}: {slide_name(path)}"
+        log(f"[process {pi}/{pc}] {i}/{len(todo)} {r.status}: {slide_name(path)}"
             f" ({r.patches} patches, {r.seconds:.1f} s{rate}){' - ' + r.reason if r.status == 'failed' else ''}")
+
+    if workers == 1:
+        for i, path in enumerate(todo):
+            r = extract_slide(path, out_dir, encoder, cfg, progress=progress)
+            results.append(r)
+            report(i + 1, path, r)
+        return results
+    # Several slides at once: the per-slide bars would interleave, so progress is one bar over slides.
+    from concurrent import futures
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="slide", desc="extract", dynamic_ncols=True)
+    by_path: dict[str, SlideResult] = {}
+    with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsewsi-slide") as pool:
+        jobs = {pool.submit(extract_slide, path, out_dir, encoder, cfg): path for path in todo}
+        for i, job in enumerate(futures.as_completed(jobs)):
+            path = jobs[job]
+            by_path[path] = r = job.result()  # extract_slide never raises for a bad slide
+            report(i + 1, path, r)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    results.extend(by_path[path] for path in todo)  # input order, whatever order they finished in
     return results
 
 

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-mpp", action="store_true", help="use --mpp even when the slide has its own")
     parser.add_argument("--batch-size", type=int, default=64, help="patches per device batch (all local devices)")
     parser.add_argument("--threads", type=int, default=2, help="tile-decoding threads")
+    parser.add_argument("--slide-workers", type=int, default=1,
+                        help="slides extracted at once (threads sharing the encoder; pays with many small slides)")
     parser.add_argument("--no-thumbnails", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 for a multi-host job")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         encoder=args.encoder, weights=args.weights, seed=args.seed, patch_size=args.patch_size,
         target_mpp=args.target_mpp, stride=args.stride, mode=args.mode, min_tissue=args.min_tissue,
         mpp_override=args.mpp, force_mpp=args.force_mpp, batch_size=args.batch_size, num_threads=args.threads,
-        thumbnails=not args.no_thumbnails)
+        slide_workers=args.slide_workers, thumbnails=not args.no_thumbnails)
     slides = extract.list_slides(args.inputs)
     if not slides:
         print(f"sparsewsi extract: no slides found in {' '.join(args.inputs)}", file=sys.stderr)
