@@ -58,6 +58,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Told apart from every look-alike and from plain tissue too (nine classes, slide-normalised x and
     # log1p(x^2)), signet-ring patches are the hard ones: 71% correct, 10 of 58 taken for adipocytes,
     # which were drawn at signet-cell scale; with adipocytes drawn as large fat cells, 81% (vessels now).
+    # `slide_workers`: slides extracted at once (threads sharing the jitted encoder; a demo slide's own opening, tissue
+    # mask, grid and writing are serial Python around ~6 encoder batches). From scratch: 93.4 s wall, 165.7 s CPU with
+    # 2, against 97.7 s / 117.1 s one at a time an hour earlier on the same machine, which meanwhile ran ~20% slower
+    # (the slides stage: 154 s against 124 s): a gain, of uncertain size.
     c.extract = ml_collections.ConfigDict(dict(
         encoder="tiny-112", weights="", encoder_seed=0, min_tissue=0.25, batch_size=64, threads=2,
         slide_workers=2, thumbnails=True))
@@ -103,13 +107,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # instead of 8 did not pay (76.7% against 81.7% reading one generated token, reader moved from step 0; same seed;
     # with 3 new tokens that reader wrote "AAA" for most answers, unparseable).
     # `short_steps` / `short_tokens`: the alignment first reads short bags (8 tokens: a slide's evidence and look-alikes
-    # drawn as above, little fill) without noise slots for 300 steps, then 400 steps as above. On the 32-token bags among
+    # drawn as above, little fill) without noise slots, then the 32-token bags as above (numbers below: 300 + 400 steps). On the 32-token bags among
     # 192 noise tokens the loss sat at chance (~0.7) for ~300 of 650 steps; on 8-token bags it fell below 0.4 within
     # 120 steps. From scratch on one machine the align stage took 298 s against 371 s for 650 steps (the short bags'
     # set adds 13 s to the dataset stage). Same seed and slides, with polish (below),
     # learned / oracle %, recall@32: 79.2 / 88.3 / 0.935, against 82.5 / 90.0 / 0.941 after 650 steps (stage 2 of 200
     # steps; one question is 0.8 points). The whole default from scratch on one machine: 76.7 / 87.5 / 0.926 in 864 s,
     # where the previous default (650 steps, stage 2 of 250, no polish) gave 76.7 / 91.7 / 0.941 in 930 s.
+    # `patches_per_slide` / `patch_evidence_repeat`: single-patch questions join the first phase (region-level
+    # supervision, the demo's ROI captions): each training slide's evidence patches, answered with its kind (asked
+    # `patch_evidence_repeat` times), then look-alikes and plain tissue alternating, answered "none of these", one patch
+    # per bag, up to `patches_per_slide` (8: 2,880 questions beside the 2,880 short bags; the first phase 450 steps,
+    # ~80 s). A slide's answer says only that one of its ~350 patches is of a kind; these say which patch, and what the
+    # look-alikes are not. Same slides and seed (learned / oracle %, recall@32): without them 76.7 / 87.5 / 0.926 (300 +
+    # 400 steps); with them 84.2 / 90.0 / 0.963 (450 + 400, a prototype of this code), 83.3 / 89.2 / 0.967 (450 + 300,
+    # the prototype) and 81.7 / 87.5 / 0.967 (450 + 300, this code: the default). Did not pay (450 or 600 + 300 or 400
+    # steps): 16 per slide with evidence x4, 78.3 / 91.7 / 0.839; 12 with evidence x2 and every look-alike first,
+    # 80.0 / 91.7 / 0.987; the same with the slide's most atypical plain patches (largest sum of log1p(z^2)) as the
+    # negatives, 79.2 / 90.0 / 0.981; the single patches also in the second phase, 81.7 / 85.0 / 0.939; region bags
+    # filled from the slide's 64 most atypical plain patches (all bags / half), 80.8 / 90.8 / 0.931 and 80.8 / 87.5 /
+    # 0.939. In every variant the learned top 32 left 23-37% of the evidence-free slides named as a kind (mostly
+    # signet-ring), where the oracle's random tokens left 0-7%: what the reader still misreads.
     c.align = ml_collections.ConfigDict(dict(steps=300, batch_size=16, lr=1e-3, regions_per_slide=8, tokens=32,
                                              noise_slots=192, lookalikes=True, mosaic=True,
                                              short_steps=450, short_tokens=8, patches_per_slide=8,

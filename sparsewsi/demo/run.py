@@ -1261,6 +1261,8 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
     ds, tr = stages["dataset"]["info"], stages["train"]["info"]
     al = (stages.get("align") or {}).get("info") or {}
     po = (stages.get("polish") or {}).get("info") or {}
+    # Single-patch questions (`align.patches_per_slide`), counted in their alignment set's questions.
+    n_patch = ds.get("align_short_patch_questions", 0) or ds.get("align_patch_questions", 0)
     lines = ["# SparseWSI demo: learned token selection on a synthetic sparse-evidence slide benchmark", ""]
     lines += [
         f"- command: `{command}`",
@@ -1287,18 +1289,23 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"({ds['train_questions_original']} + identification questions re-asked with "
         f"{config.dataset.option_orders} other option orders), {ds['test_questions']} test questions; "
         f"D = {ds['feature_dim']}; replies: {config.dataset.reply}"
-        + (f"; {ds['align_questions']} region-bag questions ({config.align.regions_per_slide} bags of "
+        + (f"; {ds['align_questions'] - ds.get('align_patch_questions', 0)} region-bag questions "
+           f"({config.align.regions_per_slide} bags of "
            f"{config.align.tokens} tokens per training slide: its evidence patches"
            f"{' and look-alike patches' if config.align.get('lookalikes', False) else ''}"
            f"{' (as many as it holds, drawn afresh for each bag from all training slides: the mosaic)' if config.align.get('mosaic', False) else ''}"
            f" + random ones"
            f"{f', among {config.align.noise_slots} pure-noise tokens in training' if config.align.get('noise_slots', 0) else ''})"
-           + (f", and {ds['align_short_questions']} on short bags of {config.align.short_tokens} tokens drawn the same way"
-              if ds.get("align_short_questions") else "") + "."
+           + (f", and {ds['align_short_questions'] - ds.get('align_short_patch_questions', 0)} on short bags of "
+              f"{config.align.short_tokens} tokens drawn the same way" if ds.get("align_short_questions") else "")
+           + (f"; {n_patch} single-patch questions in the first phase (each training slide's evidence patches, "
+              f"answered with its kind, then look-alikes and plain tissue, answered \"none of these\"; up to "
+              f"{config.align.patches_per_slide} per slide)" if n_patch else "") + "."
            if ds.get("align_questions") else "."),
         (f"5. **align** (stage 1): projector + tiny LLM {tr['llm']} (random init, built-in tokenizer) learn to read "
          f"visual tokens on the region bags: "
-         + (f"first {al['short']['steps']} steps on the short bags without noise tokens (final loss "
+         + (f"first {al['short']['steps']} steps on the short bags{' and single patches' if n_patch else ''} without "
+            f"noise tokens (final loss "
             f"{al['short']['final_loss_mean_last10pct']:.4f}), then " if al.get("short") else "")
          + f"{al['steps']} steps of batch {al['batch_size']}, lr {al['lr']}; "
          f"final loss {al['final_loss_mean_last10pct']:.4f}. The scorer gets no gradient here (N <= k: every token "
@@ -1377,13 +1384,14 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
               "", "| stage | wall s | CPU s | this run |", "|---|---:|---:|---|"]
     tw = tc = 0.0
     for st in STAGES:
-        if st not in stages:
+        # The report is being written: its own time is not known yet (a stored one is an earlier report's).
+        if st not in stages or st == "report":
             continue
         r = stages[st]
         tw += r["wall_s"]
         tc += r["cpu_s"]
         lines.append(f"| {st} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r.get('status', 'ran')} |")
-    lines.append(f"| **total** | **{tw:.1f}** | **{tc:.1f}** | |")
+    lines.append(f"| **total** (before the report) | **{tw:.1f}** | **{tc:.1f}** | |")
     lines += ["", "## Pictures", ""]
     for name, rel in pictures.items():
         lines.append(f"- {name}: `{rel}`")
