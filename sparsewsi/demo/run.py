@@ -558,11 +558,12 @@ def write_patch_bags(paths: Paths, rows: Sequence[dict[str, str]], patches_per_s
                      tag: str = "p") -> list[dict[str, str]]:
     """Single-patch bags and their questions for the alignment (training slides only): region-level supervision.
 
-    Each training slide gives ``patches_per_slide`` one-patch bags (``regions/<slide>-<tag><j>.h5``, TRIDENT
-    layout, written atomically, reused when written with the same settings): all of its evidence patches, then
-    its look-alike patches and plain tissue, alternating, drawn at random. Each is asked the slide's questions,
-    answered for that patch alone: the slide's kind for an evidence patch, "none of these" for any other (a
-    question without that option is not asked of them). Evidence questions are repeated ``evidence_repeat``
+    Each training slide gives one-patch bags (``regions/<slide>-<tag><j>.h5``, TRIDENT layout, written
+    atomically, reused when written with the same settings): all of its evidence patches, then its look-alike
+    patches and plain tissue, alternating, drawn at random, up to ``patches_per_slide`` bags in all. Each is
+    asked the slide's questions, answered for that patch alone: the slide's kind for an evidence patch, "none
+    of these" for any other; a question whose options do not name that answer (a counting question, or one
+    without "none of these") is not asked of the patch. Evidence questions are repeated ``evidence_repeat``
     times (there are few evidence patches). This is the demo's stand-in for ROI-level captions: the reader is
     told what each kind of patch is, where a slide's answer only says that one of its ~350 patches is of a kind.
     The features carry their slide's normalisation as the region bags' do (:func:`write_region_bags`).
