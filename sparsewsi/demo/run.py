@@ -352,17 +352,20 @@ def stage_dataset(config, paths: Paths, log: Log = print) -> dict[str, Any]:
     sets = [("align", "r", int(a.tokens))] if int(a.steps) > 0 else []
     if int(a.steps) > 0 and int(a.get("short_steps", 0)) > 0:
         sets.append(("align_short", "s", int(a.short_tokens)))
+    norm_cache: dict[str, np.ndarray] = {}  # each training slide normalised once for every set
     for n_set, (name, tag, tokens) in enumerate(sets):
         region_rows = write_region_bags(paths, rows, int(a.regions_per_slide), tokens, int(config.seed), log,
                                         feature_norm=str(config.train.model.feature_norm),
                                         lookalikes=bool(config.align.get("lookalikes", False)),
-                                        mosaic=bool(config.align.get("mosaic", False)), tag=tag)
+                                        mosaic=bool(config.align.get("mosaic", False)), tag=tag,
+                                        norm_cache=norm_cache)
         n_bags, patch_rows = len({r["Slide"] for r in region_rows}), []
         if n_set == len(sets) - 1 and int(a.get("patches_per_slide", 0)) > 0:
             # Single-patch questions join the alignment's first phase (the short bags when it has them).
             patch_rows = write_patch_bags(paths, rows, int(a.patches_per_slide), int(config.seed), log,
                                           feature_norm=str(config.train.model.feature_norm),
-                                          evidence_repeat=int(a.get("patch_evidence_repeat", 1)))
+                                          evidence_repeat=int(a.get("patch_evidence_repeat", 1)),
+                                          norm_cache=norm_cache)
             info[f"{name}_patch_questions"] = len(patch_rows)
         align_csv = qdir / f"{name}.csv"
         write_csv_atomic(align_csv, region_rows + patch_rows, CSV_COLUMNS)
@@ -413,7 +416,8 @@ def region_feature_norm(feature_norm: str) -> str:
 
 def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_slide: int, tokens: int, seed: int,
                       log: Log = print, feature_norm: str = "token", lookalikes: bool = False,
-                      mosaic: bool = False, tag: str = "r") -> list[dict[str, str]]:
+                      mosaic: bool = False, tag: str = "r",
+                      norm_cache: dict[str, np.ndarray] | None = None) -> list[dict[str, str]]:
     """Region bags for the alignment stage and their questions (training slides only).
 
     A region bag holds ``tokens`` patches of one training slide: all of its evidence patches plus
@@ -454,7 +458,7 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     recipe = _region_recipe(feature_norm, tokens, seed, lookalikes, mosaic)
     # Pass 1: each slide's patches, evidence and look-alikes (normalised when a bag first needs them).
     slides = _training_slides(paths, sorted(by_slide), records=lookalikes or mosaic, lookalikes=lookalikes,
-                              feature_norm=feature_norm, need_kind=mosaic, log=log)
+                              feature_norm=feature_norm, need_kind=mosaic, log=log, norm_cache=norm_cache)
 
     # The mosaic's pools, as (slide, patch index): evidence by the slide's kind, look-alikes of any kind.
     ev_pool: dict[Any, list[tuple[str, int]]] = {}
@@ -505,11 +509,13 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
 
 
 def _training_slides(paths: Paths, slide_ids: Sequence[str], *, records: bool, lookalikes: bool,
-                     feature_norm: str, need_kind: bool = False, log: Log = print) -> dict[str, dict[str, Any]]:
+                     feature_norm: str, need_kind: bool = False, log: Log = print,
+                     norm_cache: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Each training slide's bag for the region and patch bags: ``{slide: dict(feats, coords, coord_attrs,
     evidence, look, kind, feature_norm, normed)}`` (``look``: look-alike patches, read from the slide's
     benchmark record with ``records`` and ``lookalikes``; ``kind``: the slide's kind from the record, which
-    must name it with ``need_kind``).
+    must name it with ``need_kind``). ``norm_cache`` ({slide: normalised features}, filled by :func:`_normed`)
+    lets several calls on the same slides and ``feature_norm`` normalise each slide once.
     A slide whose feature file or record cannot be read is reported by path and left out."""
     import h5py
 
@@ -541,21 +547,22 @@ def _training_slides(paths: Paths, slide_ids: Sequence[str], *, records: bool, l
                 continue
             if lookalikes and boxes:
                 look = evidence_labels(coords, float(coord_attrs["patch_size_level0_exact"]), boxes) & ~evidence
-        slides[slide] = dict(feats=feats, coords=coords, coord_attrs=coord_attrs, evidence=evidence, look=look,
-                             kind=kind, feature_norm=feature_norm, normed=None)
+        cache = {} if norm_cache is None else norm_cache
+        slides[slide] = dict(id=slide, feats=feats, coords=coords, coord_attrs=coord_attrs, evidence=evidence,
+                             look=look, kind=kind, feature_norm=feature_norm, cache=cache)
     return slides
 
 
 def _normed(sl: dict[str, Any]) -> np.ndarray:
-    """A :func:`_training_slides` slide's features normalised by the whole slide (computed once)."""
-    if sl["normed"] is None:
-        sl["normed"] = slide_normalized(sl["feats"], sl["feature_norm"])
-    return sl["normed"]
+    """A :func:`_training_slides` slide's features normalised by the whole slide (computed once per cache)."""
+    if sl["id"] not in sl["cache"]:
+        sl["cache"][sl["id"]] = slide_normalized(sl["feats"], sl["feature_norm"])
+    return sl["cache"][sl["id"]]
 
 
 def write_patch_bags(paths: Paths, rows: Sequence[dict[str, str]], patches_per_slide: int, seed: int,
                      log: Log = print, feature_norm: str = "token", evidence_repeat: int = 1,
-                     tag: str = "p") -> list[dict[str, str]]:
+                     tag: str = "p", norm_cache: dict[str, np.ndarray] | None = None) -> list[dict[str, str]]:
     """Single-patch bags and their questions for the alignment (training slides only): region-level supervision.
 
     Each training slide gives one-patch bags (``regions/<slide>-<tag><j>.h5``, TRIDENT layout, written
@@ -578,7 +585,7 @@ def write_patch_bags(paths: Paths, rows: Sequence[dict[str, str]], patches_per_s
         by_slide.setdefault(row["Slide"], []).append(row)
     recipe = json.dumps({"patch": True, "slide_norm": _slide_norm(feature_norm), "seed": int(seed)}, sort_keys=True)
     slides = _training_slides(paths, sorted(by_slide), records=True, lookalikes=True, feature_norm=feature_norm,
-                              need_kind=True, log=log)
+                              need_kind=True, log=log, norm_cache=norm_cache)
     out = []
     for slide, sl in slides.items():
         ev, look = sl["evidence"], sl["look"]
