@@ -364,6 +364,12 @@ def test_region_bags_mosaic_draws_evidence_of_the_same_kind_and_lookalikes_from_
             assert all(s == sid for (s, i), e in zip(src, ev) if not e and i != 10)  # the fill is the slide's own
             ev_sources |= {(sid, s) for (s, i), e in zip(src, ev) if e}
     assert ("K1", "K2") in ev_sources and ("K2", "K1") in ev_sources  # evidence crosses slides of a kind
+    # The pool is part of the recipe: the same settings on fewer training slides write the bags again.
+    mtime = (paths.regions / "K1-r0.h5").stat().st_mtime_ns
+    demo.write_region_bags(paths, rows, regions_per_slide=6, tokens=8, seed=0, lookalikes=True, mosaic=True)
+    assert (paths.regions / "K1-r0.h5").stat().st_mtime_ns == mtime
+    demo.write_region_bags(paths, rows[:3], regions_per_slide=6, tokens=8, seed=0, lookalikes=True, mosaic=True)
+    assert (paths.regions / "K1-r0.h5").stat().st_mtime_ns != mtime
 
 
 def test_patch_bags_ask_each_patch_what_it_shows(tmp_path):
@@ -416,6 +422,10 @@ def test_patch_bags_ask_each_patch_what_it_shows(tmp_path):
     assert demo.write_patch_bags(paths, rows, patches_per_slide=5, seed=0, log=logs.append,
                                  feature_norm="bag_robust", evidence_repeat=2) == out
     assert (paths.regions / "S1-p0.h5").stat().st_mtime_ns == mtime
+    # Fewer bags per slide: the bags beyond the new count go (no question names them); other tags stay.
+    (paths.regions / "S1-r7.h5").write_bytes(b"a region bag")
+    demo.write_patch_bags(paths, rows, patches_per_slide=3, seed=0, log=logs.append, feature_norm="bag_robust")
+    assert sorted(p.name for p in paths.regions.glob("S1-*.h5")) == ["S1-p0.h5", "S1-p1.h5", "S1-p2.h5", "S1-r7.h5"]
 
 
 def test_probe_reads_a_demo_run_folder(first_run, tmp_path):

@@ -49,6 +49,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from glob import escape as glob_escape
 from typing import Any
 
 import numpy as np
@@ -455,10 +456,11 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
     by_slide: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_slide.setdefault(row["Slide"], []).append(row)
-    recipe = _region_recipe(feature_norm, tokens, seed, lookalikes, mosaic)
     # Pass 1: each slide's patches, evidence and look-alikes (normalised when a bag first needs them).
     slides = _training_slides(paths, sorted(by_slide), records=lookalikes or mosaic, lookalikes=lookalikes,
                               feature_norm=feature_norm, need_kind=mosaic, log=log, norm_cache=norm_cache)
+    # A mosaic bag draws from every training slide, so the pool is part of what decides its content.
+    recipe = _region_recipe(feature_norm, tokens, seed, lookalikes, mosaic, pool=sorted(slides) if mosaic else None)
 
     # The mosaic's pools, as (slide, patch index): evidence by the slide's kind, look-alikes of any kind.
     ev_pool: dict[Any, list[tuple[str, int]]] = {}
@@ -505,6 +507,7 @@ def write_region_bags(paths: Paths, rows: Sequence[dict[str, str]], regions_per_
                         f.create_dataset("evidence", data=flags)
             for row in by_slide[slide]:
                 out.append(dict(row, ID=f"{row['ID']}-{tag}{j}", Slide=name))
+        _remove_stale_bags(paths.regions, slide, tag, regions_per_slide)
     return out
 
 
@@ -622,6 +625,7 @@ def write_patch_bags(paths: Paths, rows: Sequence[dict[str, str]], patches_per_s
                 for r in range(int(evidence_repeat) if is_evidence else 1):
                     out.append(dict(row, ID=f"{row['ID']}-{tag}{j}" + (f"-{r}" if r else ""), Slide=name,
                                     Answer=letter))
+        _remove_stale_bags(paths.regions, slide, tag, len(picks))
     return out
 
 
@@ -629,10 +633,27 @@ def _slide_norm(feature_norm: str) -> str:
     return feature_norm if feature_norm in SLIDE_NORMS else "none"
 
 
-def _region_recipe(feature_norm: str, tokens: int, seed: int, lookalikes: bool, mosaic: bool = False) -> str:
-    """What decides a region bag's content, as the string stored with it (attribute ``region_recipe``)."""
-    return json.dumps({"slide_norm": _slide_norm(feature_norm), "tokens": int(tokens), "seed": int(seed),
-                       "lookalikes": bool(lookalikes), "mosaic": bool(mosaic)}, sort_keys=True)
+def _region_recipe(feature_norm: str, tokens: int, seed: int, lookalikes: bool, mosaic: bool = False,
+                   pool: Sequence[str] | None = None) -> str:
+    """What decides a region bag's content, as the string stored with it (attribute ``region_recipe``);
+    ``pool``: the training slides a mosaic bag draws from (stored as a digest of their sorted ids)."""
+    recipe = {"slide_norm": _slide_norm(feature_norm), "tokens": int(tokens), "seed": int(seed),
+              "lookalikes": bool(lookalikes), "mosaic": bool(mosaic)}
+    if pool is not None:
+        recipe["pool"] = hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16]
+    return json.dumps(recipe, sort_keys=True)
+
+
+def _remove_stale_bags(regions: pathlib.Path, slide: str, tag: str, count: int) -> None:
+    """Delete ``regions/<slide>-<tag><j>.h5`` for j >= ``count``: bags of an earlier run with more bags per
+    slide, which no question names any more (they would only mislead someone reading the folder)."""
+    import re
+
+    pattern = re.compile(re.escape(f"{slide}-{tag}") + r"(\d+)\.h5")
+    for path in regions.glob(f"{glob_escape(slide)}-{glob_escape(tag)}*.h5"):
+        m = pattern.fullmatch(path.name)
+        if m and int(m.group(1)) >= count:
+            path.unlink(missing_ok=True)
 
 
 def _region_bag_done(path: pathlib.Path, recipe: str) -> bool:

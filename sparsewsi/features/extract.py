@@ -310,7 +310,10 @@ def run_extraction(slides: Iterable[str], out_dir: str, cfg: ExtractConfig, *, p
     workers = max(1, int(cfg.slide_workers))
 
     def report(i: int, path: str, r: SlideResult) -> None:
-        rate = f", {r.patches / r.seconds:.0f} patches/s" if r.status == "done" and r.seconds > 0 else ""
+        # With several slides at once a slide's patches / seconds is its latency while it shared the encoder,
+        # not a throughput: the rate is then logged once, over the whole job (below).
+        rate = (f", {r.patches / r.seconds:.0f} patches/s" if workers == 1 and r.status == "done" and r.seconds > 0
+                else "")
         log(f"[process {pi}/{pc}] {i}/{len(todo)} {r.status}: {slide_name(path)}"
             f" ({r.patches} patches, {r.seconds:.1f} s{rate}){' - ' + r.reason if r.status == 'failed' else ''}")
 
@@ -329,6 +332,7 @@ def run_extraction(slides: Iterable[str], out_dir: str, cfg: ExtractConfig, *, p
 
         bar = tqdm(total=len(todo), unit="slide", desc="extract", dynamic_ncols=True)
     by_path: dict[str, SlideResult] = {}
+    start = time.perf_counter()
     with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsewsi-slide") as pool:
         jobs = {pool.submit(extract_slide, path, out_dir, encoder, cfg): path for path in todo}
         for i, job in enumerate(futures.as_completed(jobs)):
@@ -339,6 +343,10 @@ def run_extraction(slides: Iterable[str], out_dir: str, cfg: ExtractConfig, *, p
                 bar.update(1)
     if bar is not None:
         bar.close()
+    wall = time.perf_counter() - start
+    done = sum(r.patches for r in by_path.values() if r.status == "done")
+    if done and wall > 0:
+        log(f"[process {pi}/{pc}] {workers} slides at once: {done} patches in {wall:.1f} s, {done / wall:.0f} patches/s")
     results.extend(by_path[path] for path in todo)  # input order, whatever order they finished in
     return results
 
