@@ -176,7 +176,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # at chance (24.2 / 0.00, reader moved from step 0). It costs the luckiest case a little: the seed-0 reader
         # moved from step 0 reached 81.7 / 0.965 without the floor, 76.7 / 0.93 with it (100 steps).
         gate_floor=0.5, gate_floor_steps=50,
-        tau_start=0.5, tau_end=0.1, tau_steps=150, score_noise=0.0, denoiser=True, projector_hidden=128,
+        tau_start=0.5, tau_end=0.1, tau_steps=150, score_noise=0.0, score_noise_steps=0, denoiser=True, projector_hidden=128,
         llm_seed=0, seed=0,
         # The random-weight encoder's features share a large common part: standardise each feature
         # across the bag, or every visual token looks the same. Robustly (median / MAD): a 32-token

@@ -451,3 +451,46 @@ def test_probe_reads_a_demo_run_folder(first_run, tmp_path):
     res = probe.probe_run_folder(copy, log=logs.append)
     assert list(res["skipped"]) == [str(bad)] and res["slides"] == 5
     assert any(str(bad) in line and "skipped" in line for line in logs)
+
+
+def test_seeds_rerun_the_model_stages_on_the_base_data(first_run, tmp_path):
+    """``python -m sparsewsi.demo.seeds``: a seed with the base's own config is read from the base; another
+    seed runs align..report in its own folder on the base's linked slides, features and questions (which it
+    leaves untouched); seeds.json / seeds.md hold every seed and selector; data settings must match the base."""
+    from sparsewsi.demo import seeds
+
+    base, _, _ = first_run
+    base_stages = (base / demo.STAGES_FILE).read_text()
+    base_results = json.loads((base / "report" / "results.json").read_text())["eval"]["selectors"]
+    logs = []
+    res = seeds.run_seeds(base, tmp_path / "seeds", [0, 1], small_config(), log=logs.append)
+    assert any("seed 0 is the base run's own config" in m for m in logs)
+    folder = tmp_path / "seeds" / "seed1"
+    stages = json.loads((folder / demo.STAGES_FILE).read_text())
+    assert [s for s in demo.STAGES if stages[s]["status"] == "ran"] == list(demo.STAGES[demo.STAGES.index("align"):])
+    assert all(stages[s]["done_in"] == str(base) for s in seeds.DATA_STAGES)
+    for name in seeds.LINKED:
+        assert (folder / name).is_symlink() and (folder / name).resolve() == (base / name).resolve()
+    cfg = json.loads((folder / demo.CONFIG_FILE).read_text())
+    assert cfg["train"]["seed"] == cfg["train"]["model"]["seed"] == cfg["train"]["model"]["llm_seed"] == 1
+    assert (folder / "report" / "summary.md").is_file()
+    assert (base / demo.STAGES_FILE).read_text() == base_stages  # the base is read, never written
+    seed1 = json.loads((folder / "report" / "results.json").read_text())["eval"]["selectors"]
+    on_disk = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert on_disk["seeds"] == [0, 1] and on_disk["selectors"] == res["selectors"]
+    for sel in SELECTORS:
+        row = res["selectors"][sel]
+        assert row["accuracy"] == {"0": base_results[sel]["accuracy"], "1": seed1[sel]["accuracy"]}
+        np.testing.assert_allclose(row["accuracy_stats"]["mean"],
+                                   (base_results[sel]["accuracy"] + seed1[sel]["accuracy"]) / 2)
+    md = (tmp_path / "seeds" / "seeds.md").read_text()
+    assert "| learned |" in md and "seed 1" in md
+    # A second call resumes: nothing is trained again.
+    logs = []
+    seeds.run_seeds(base, tmp_path / "seeds", [1], small_config(), log=logs.append)
+    assert any("align: done earlier" in m for m in logs) and any("eval: done earlier" in m for m in logs)
+    # Data settings must be the base's; model settings may differ (only checked here, not run).
+    with pytest.raises(demo.DemoError, match=r"slides\.max_foci"):
+        seeds.run_seeds(base, tmp_path / "other", [1], small_config(**{"slides.max_foci": 2}))
+    seeds.check_base(base, small_config(**{"train.total_steps": 5, "align.steps": 3}))
+    assert seeds.main(["--base", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a demo run folder

@@ -150,6 +150,29 @@ def test_score_noise_perturbs_training_selection_only(model, tok, batch):
         model.config.replace(score_noise=-1.0)
 
 
+def test_score_noise_anneals_by_cosine_to_zero(model, batch):
+    """``score_noise_steps`` > 0: the Gumbel scale falls from ``score_noise`` by cosine to 0 at that step
+    (the loss then equals the noise-free loss exactly); 0 keeps it constant."""
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    annealed = SparseWSI(model.config.replace(score_noise=2.0, score_noise_steps=10), model.llm, rngs=nnx.Rngs(0))
+    constant = SparseWSI(model.config.replace(score_noise=2.0), model.llm, rngs=nnx.Rngs(0))
+    clean = SparseWSI(model.config.replace(score_noise=0.0), model.llm, rngs=nnx.Rngs(0))
+    for step, want in ((0, 2.0), (5, 1.0), (10, 0.0), (20, 0.0)):
+        np.testing.assert_allclose(float(annealed.score_noise_scale(step)), want, atol=1e-6)
+        assert float(constant.score_noise_scale(step)) == 2.0
+    loss = nnx.jit(lambda m, b, step, key: m.training_loss(b, step, key))
+    key = jax.random.key(5)
+    noisy_loss, aux = loss(annealed, b, 3, key)
+    assert float(noisy_loss) != float(loss(clean, b, 3, key)[0])
+    np.testing.assert_allclose(float(aux["score_noise"]), 2.0 * 0.5 * (1 + np.cos(np.pi * 0.3)), rtol=1e-6)
+    # At the end of the schedule the scores are unperturbed; only the key's split differs, and the gate uses
+    # the first half either way, as with score_noise > 0 before.
+    by_hand = SparseWSI(model.config.replace(score_noise=1e-30), model.llm, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(float(loss(annealed, b, 10, key)[0]), float(loss(by_hand, b, 10, key)[0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="score_noise_steps must be >= 0"):
+        model.config.replace(score_noise_steps=-1)
+
+
 def test_gate_floor_by_hand(model, batch):
     """``gate_floor``: the noise gate and the denoiser see ``alpha + (1 - alpha) * floor(step)``, the
     floor falling linearly to 0 at ``gate_floor_steps``; from then on (and with 0) the loss is the

@@ -33,6 +33,9 @@ class SparseWSIConfig:
       score_noise: scale of Gumbel noise added to the (standardised) scores before the Soft Top-K in
         training (0 = off): tokens the scorer ranks low are still selected now and then, so a reader
         can tell the scorer they matter (exploration); inference stays a deterministic Hard Top-K.
+      score_noise_steps: 0 keeps the Gumbel scale at ``score_noise`` throughout; > 0 anneals it by cosine
+        from ``score_noise`` to 0 over this many steps (explore while the scorer is young, select sharply
+        once it has found the evidence).
       gate_floor / gate_floor_steps: in training, the noise gate keeps every token at least
         ``gate_floor`` clean (mask ``alpha + (1 - alpha) * floor``), the floor falling linearly from
         ``gate_floor`` at step 0 to 0 at ``gate_floor_steps`` (0 = off): a continuation from
@@ -65,6 +68,7 @@ class SparseWSIConfig:
     tau_steps: int = 2000
     denoiser: bool = True
     score_noise: float = 0.0
+    score_noise_steps: int = 0
     noise_slots: int = 0
     gate_floor: float = 0.0
     gate_floor_steps: int = 0
@@ -78,6 +82,8 @@ class SparseWSIConfig:
             raise ValueError(f"feature_dim must be >= 1, got {self.feature_dim}")
         if self.score_noise < 0:
             raise ValueError(f"score_noise must be >= 0, got {self.score_noise}")
+        if self.score_noise_steps < 0:
+            raise ValueError(f"score_noise_steps must be >= 0 (0 = constant), got {self.score_noise_steps}")
         if not 0.0 <= self.gate_floor < 1.0:
             raise ValueError(f"gate_floor must be in [0, 1), got {self.gate_floor}")
         if self.gate_floor > 0 and self.gate_floor_steps < 1:

@@ -7,7 +7,7 @@ Training path (``training_loss``)::
 
     s     = Scorer(X, mask)                        # [B, N] standardised scores
     (cap) keep the top-M tokens by s (no gradient through the choice), slide order
-    (opt) s += score_noise * Gumbel noise          # exploration, training only
+    (opt) s += score_noise(step) * Gumbel noise    # exploration, training only (optionally annealed)
     alpha = soft_topk(s, k, tau(step), mask)       # [B, M], sum = k
     (opt) a = alpha + (1 - alpha) * floor(step)    # gate floor: early steps keep dropped tokens partly clean
     (opt) + noise_slots tokens with a = 0          # augmentation, training only
@@ -127,6 +127,16 @@ class SparseWSI(nnx.Module):
         c = self.config
         return cosine_temperature(step, c.tau_start, c.tau_end, c.tau_steps)
 
+    def score_noise_scale(self, step) -> Array:
+        """The Gumbel scale of the training scores at ``step``: ``score_noise``, cosine-annealed to 0 over
+        ``score_noise_steps`` when that is > 0 (float32 scalar)."""
+        c = self.config
+        scale = jnp.asarray(c.score_noise, jnp.float32)
+        if c.score_noise_steps > 0:
+            frac = jnp.clip(jnp.asarray(step, jnp.float32) / c.score_noise_steps, 0.0, 1.0)
+            scale = scale * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return scale
+
     def training_loss(self, batch: dict, step, key: Array) -> tuple[Array, dict]:
         """The training objective on one batch (see the module docstring).
 
@@ -148,9 +158,10 @@ class SparseWSI(nnx.Module):
             x = gather_tokens(x, cand.indices)
             scores = jnp.take_along_axis(scores, cand.indices, axis=1)
             mask = cand.valid
+        noise_scale = self.score_noise_scale(step)
         if c.score_noise > 0:  # exploration: Gumbel-perturbed scores (keys kept apart from the gate's)
             key, gumbel_key = jax.random.split(key)
-            scores = scores + c.score_noise * jax.random.gumbel(gumbel_key, scores.shape, scores.dtype)
+            scores = scores + noise_scale * jax.random.gumbel(gumbel_key, scores.shape, scores.dtype)
         k_eff = min(c.k, x.shape[1])
         alpha = soft_topk(scores, k_eff, tau, mask)
         gate = alpha
@@ -179,6 +190,8 @@ class SparseWSI(nnx.Module):
             "mask_frac_above_half": jnp.mean(jnp.sum(alpha > 0.5, -1) / k_eff),
             "visual_tokens": jnp.asarray(x.shape[1], jnp.float32),
         }
+        if c.score_noise > 0:
+            aux["score_noise"] = noise_scale
         return loss, aux
 
     # ------------------------------------------------------------------------------------- shared

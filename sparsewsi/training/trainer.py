@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FIELDS = ("feature_dim", "k", "candidate_cap", "scorer_kind", "scorer_hidden", "scorer_depth", "scorer_heads",
                 "scorer_squares", "tau_start", "tau_end", "tau_steps", "denoiser", "projector_hidden", "feature_norm", "score_noise",
-                "noise_slots", "gate_floor", "gate_floor_steps", "llm_seed", "seed")
+                "score_noise_steps", "noise_slots", "gate_floor", "gate_floor_steps", "llm_seed", "seed")
 
 
 class NonFiniteLossError(FloatingPointError):
