@@ -317,6 +317,18 @@ def test_predictor_selectors_share_one_program(model, tok, batch):
     host = pred.predict(batch["features"], batch["feature_mask"], qs, selector="learned")
     assert len(learned.texts) == 3 and learned.indices.shape == (3, 4)
     np.testing.assert_array_equal(learned.indices, host.indices)  # host twin == in-graph Hard Top-K
+    # Host scores pad the bag to a bucket: the same scores as the unpadded bag, and one compiled shape per bucket.
+    n = batch["features"].shape[1]
+    direct = np.asarray(model.scores(jnp.asarray(batch["features"]), jnp.asarray(batch["feature_mask"], bool)))
+    padded = pred.host_scores(batch["features"], batch["feature_mask"])
+    assert padded.shape == direct.shape and n % 64
+    valid = np.asarray(batch["feature_mask"], bool)
+    np.testing.assert_allclose(padded[valid], direct[valid], rtol=1e-5, atol=1e-5)
+    from sparsewsi.model.inference import _scores_jit
+
+    before = _scores_jit._cache_size()
+    pred.host_scores(batch["features"][:, : n - 1], batch["feature_mask"][:, : n - 1])
+    assert _scores_jit._cache_size() == before  # n - 1 falls in the same bucket
     for name in ("random", "uniform", "spatial"):
         out = pred.predict(batch["features"], batch["feature_mask"], qs, selector=name, coords=batch["coords"])
         assert out.indices.shape == (3, 4)

@@ -717,6 +717,7 @@ def align_config(config, paths: Paths, dataset_info: dict[str, Any], short: bool
     # The gate floor is stage 2's continuation towards the Soft Top-K; here every real token is clean already,
     # and a floor would only half-clean the noise slots.
     t.model.gate_floor = 0.0
+    t.model.score_noise = 0.0  # nothing to explore: every token passes (and the noise gate keeps its keys)
     return t
 
 
@@ -803,6 +804,7 @@ def polish_config(config, paths: Paths, dataset_info: dict[str, Any]):
     t.model.candidate_cap = int(t.model.k)
     t.model.gate_floor = 0.0
     t.model.noise_slots = 0
+    t.model.score_noise = 0.0  # N = k: no selection to explore
     t.optim.param_groups = [(r"scorer\..*", 0.0), (r".*", 1.0)]
     return t
 
@@ -979,7 +981,6 @@ def scorer_ranks(config, paths: Paths, inner, log: Log = print) -> dict[str, dic
 
     from sparsewsi.demo.probe import ALL_KINDS, patch_kinds
     from sparsewsi.demo.synthetic_slides import EVIDENCE_KINDS, KIND_NAMES, load_manifest
-    from sparsewsi.model.inference import _scores_jit
 
     man = load_manifest(paths.bench)
     k = int(config.eval.k)
@@ -998,7 +999,7 @@ def scorer_ranks(config, paths: Paths, inner, log: Log = print) -> dict[str, dic
         except (OSError, KeyError, json.JSONDecodeError) as e:
             log(f"scorer ranks: {entry['slide_id']} left out ({type(e).__name__}: {e})")
             continue
-        scores = np.asarray(_scores_jit(inner.model, feats[None], np.ones((1, len(feats)), bool)))[0]
+        scores = inner.host_scores(feats[None], np.ones((1, len(feats)), bool))[0]
         rank = np.empty(len(scores), np.int64)
         rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
         kinds = patch_kinds(coords, ps, rec)
@@ -1135,7 +1136,6 @@ def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, inner, log: 
     from sparsewsi.demo.synthetic_slides import load_manifest
     from sparsewsi.evaluation.items import load_eval_set
     from sparsewsi.evaluation.runner import BagSource, SkipItem
-    from sparsewsi.model.inference import _scores_jit
 
     man = load_manifest(paths.bench)
     eval_set = load_eval_set(paths.bench / man["questions"]["test"])
@@ -1163,7 +1163,7 @@ def selection_heatmaps(config, paths: Paths, out_dir: pathlib.Path, inner, log: 
         with h5py.File(paths.features / f"{sid}.h5", "r") as f:
             a = f["coords"].attrs
             ps = float(a.get("patch_size_level0_exact", a.get("patch_size_level0")))
-        scores = np.asarray(_scores_jit(inner.model, feats[None], np.ones((1, len(feats)), bool)))[0]
+        scores = inner.host_scores(feats[None], np.ones((1, len(feats)), bool))[0]
         learned = selections(inner, "learned", feats, coords, ev, it.item_id, seed)
         rand = selections(inner, "random", feats, coords, ev, it.item_id, seed)
         thumb, scale = slide_thumbnail(paths.bench / by_slide[sid]["file"], int(config.report.thumbnail_px))
@@ -1350,6 +1350,9 @@ def summary_markdown(config, paths: Paths, stages: dict[str, Any], eval_info: di
         f"{tr['model']['tau_steps']} steps"
         + (f"; gate floor {config.train.model.gate_floor} -> 0 over {config.train.model.gate_floor_steps} steps "
            "(the noise gate keeps every token at least that clean)" if config.train.model.get("gate_floor", 0) else "")
+        + (f"; Gumbel exploration noise on the scores, {config.train.model.score_noise}"
+           + (f" -> 0 over {config.train.model.score_noise_steps} steps" if config.train.model.get("score_noise_steps", 0)
+              else " throughout") if config.train.model.get("score_noise", 0) else "")
         + f"; final loss {tr['final_loss_mean_last10pct']:.4f} (mean of the last 10% of steps).",
         (f"7. **polish**: the reader (projector + LLM) fine-tuned on exactly what inference shows it, the Hard Top-K "
          f"of the frozen scorer (k = {tr['model']['k']} clean tokens in slide order; stage 2 shows every token, ~k of "

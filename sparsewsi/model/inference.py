@@ -46,6 +46,9 @@ def infer(model: SparseWSI, features: Array, feature_mask: Array, input_ids: Arr
 infer_jit = jax.jit(infer, static_argnames=("sampling", "k"))
 
 
+SCORE_BUCKET = 64  # host scoring pads a bag's length to a multiple of this (bounds the compiled shapes)
+
+
 @jax.jit
 def _scores_jit(model: SparseWSI, features, feature_mask):
     return model.scores(features, feature_mask.astype(bool))
@@ -90,6 +93,20 @@ class SparseWSIPredictor:
     def encode(self, questions: Sequence[str]) -> dict[str, np.ndarray]:
         return encode_chats(self.tokenizer, questions, prompt_only=True, pad_to_multiple_of=self.pad_to_multiple_of)
 
+    def host_scores(self, features, feature_mask) -> np.ndarray:
+        """The scorer's scores [B, N] (float32) of bags [B, N, D].
+
+        N is padded (masked) to a multiple of ``SCORE_BUCKET`` for the jitted scorer: one compilation per
+        bucket, not per bag size (one bag at a time over a benchmark's ~100 bag sizes recompiled ~100 times)."""
+        features = np.asarray(features, np.float32)
+        mask = np.asarray(feature_mask, bool)
+        b, n, d = features.shape
+        padded_n = -(-max(n, 1) // SCORE_BUCKET) * SCORE_BUCKET
+        if padded_n != n:
+            features = np.concatenate([features, np.zeros((b, padded_n - n, d), np.float32)], axis=1)
+            mask = np.concatenate([mask, np.zeros((b, padded_n - n), bool)], axis=1)
+        return np.asarray(_scores_jit(self.model, features, mask))[:, :n]
+
     def host_selection(self, selector: str, features, feature_mask, *, coords=None, seeds=None, evidence=None):
         """[B, M] indices + valid for a named selector (``baselines.SELECTORS``); M = k, or the cap for 'all'.
 
@@ -98,7 +115,7 @@ class SparseWSIPredictor:
         features = np.asarray(features)
         b, n = features.shape[:2]
         mask = np.asarray(feature_mask, bool)
-        scores = np.asarray(_scores_jit(self.model, features, mask)) if selector == "learned" else None
+        scores = self.host_scores(features, mask) if selector == "learned" else None
         budget = min(self.all_tokens_cap, n) if selector == "all" else self.k
         picks = []
         for i in range(b):
