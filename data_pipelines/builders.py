@@ -194,7 +194,8 @@ class _SlideTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         if not self._validate:
             return "", "", -1
         try:
-            bag = read_feature_bag(fpath, expected_dim=self._feature_dim, csv_feature_columns=self._csv_columns)
+            bag = read_feature_bag(fpath, expected_dim=self._feature_dim, csv_feature_columns=self._csv_columns,
+                                   with_attrs=False)
         except FeatureFileError as e:
             return f"feature_{e.reason}", str(e), -1
         return "", "", bag.num_patches

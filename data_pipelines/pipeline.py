@@ -175,7 +175,7 @@ class LoadAndTokenize(grain.transforms.Map):
         try:
             bag = read_feature_bag(
                 self.features_root / record["feature_file"], expected_dim=cfg.feature_dim,
-                csv_feature_columns=cfg.csv_feature_columns,
+                csv_feature_columns=cfg.csv_feature_columns, with_attrs=False,
             )
             out["num_patches"] = bag.num_patches
             bag = bag.subsample(cfg.max_patches)

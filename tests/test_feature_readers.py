@@ -40,6 +40,10 @@ def test_h5_trident_layout_and_attrs(tmp_path):
     assert bag.slide_id == "S1" and bag.locations is None
     assert bag.attrs["patch_size_level0"] == 448 and bag.attrs["name"] == "S1"
     assert isinstance(bag.attrs["patch_size"], int)
+    lean = read_feature_bag(tmp_path / "S1.h5", expected_dim=16, with_attrs=False)  # what input pipelines read
+    assert lean.attrs == {}
+    np.testing.assert_array_equal(lean.features, feats)
+    np.testing.assert_array_equal(lean.coords, coords)
 
 
 def test_h5_clam_batched_features(tmp_path):

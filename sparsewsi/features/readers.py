@@ -71,6 +71,7 @@ def read_feature_bag(
     slide_id: str | None = None,
     allow_empty: bool = False,
     check_finite: bool = True,
+    with_attrs: bool = True,
 ) -> FeatureBag:
     """Read one slide's feature file, dispatching on its suffix.
 
@@ -81,6 +82,9 @@ def read_feature_bag(
       slide_id: the id to store in the bag (default: the file name without suffix).
       allow_empty: accept a bag with N = 0 (otherwise ``empty``).
       check_finite: reject NaN/inf features (``non_finite``).
+      with_attrs: read an HDF5 file's attributes into ``attrs`` (False: ``{}``; a TRIDENT bag carries ~30 of
+        them and reading them took longer than its features: input pipelines that only need the features
+        skip them).
 
     Returns:
       a :class:`FeatureBag` with ``features`` ``[N, D]`` float32.
@@ -93,7 +97,7 @@ def read_feature_bag(
         raise FeatureFileError(path, "missing", "does not exist" if not path.exists() else "is not a file")
     suffix = path.suffix.lower()
     if suffix in H5_SUFFIXES:
-        features, coords, locations, attrs = _read_h5(path)
+        features, coords, locations, attrs = _read_h5(path, with_attrs=with_attrs)
     elif suffix in CSV_SUFFIXES:
         features, coords, locations, attrs = _read_csv(path, csv_feature_columns)
     elif suffix in PT_SUFFIXES:
@@ -157,7 +161,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_h5(path: pathlib.Path):
+def _read_h5(path: pathlib.Path, with_attrs: bool = True):
     import h5py
 
     try:
@@ -166,13 +170,16 @@ def _read_h5(path: pathlib.Path):
                 raise FeatureFileError(
                     path, "bad_layout", f"has no 'features' dataset (found: {', '.join(sorted(f.keys())) or 'nothing'})"
                 )
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            attrs.update({k: _plain(v) for k, v in f["features"].attrs.items()})
+            attrs = {}
+            if with_attrs:
+                attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                attrs.update({k: _plain(v) for k, v in f["features"].attrs.items()})
             features = f["features"][()]
             coords = None
             if "coords" in f:
                 coords = f["coords"][()]
-                attrs.update({k: _plain(v) for k, v in f["coords"].attrs.items()})
+                if with_attrs:
+                    attrs.update({k: _plain(v) for k, v in f["coords"].attrs.items()})
             locations = None
             if "locations" in f:  # patch names kept by `sparsewsi convert-features` from CSVs
                 locations = np.asarray(f["locations"].asstr()[()], dtype=object)
