@@ -149,17 +149,21 @@ def _load_config_json(base: pathlib.Path):
 
 def summarize(per_seed: dict[int, dict[str, Any]], *, base: str, config) -> dict[str, Any]:
     """Per selector: accuracy and recall per seed, and their mean / min / max over the seeds."""
-    selectors: list[str] = []
+    selectors = [s for s in config.eval.selectors]  # the config's order (learned first), then any others
     for r in per_seed.values():
-        selectors += [s for s in r["eval"]["selectors"] if s not in selectors]
+        selectors += [s for s in sorted(r["eval"]["selectors"]) if s not in selectors]
+    selectors = [s for s in selectors if any(s in r["eval"]["selectors"] for r in per_seed.values())]
     table: dict[str, Any] = {}
     for sel in selectors:
         acc = {s: r["eval"]["selectors"].get(sel, {}).get("accuracy") for s, r in per_seed.items()}
         rec = {s: r["eval"]["selectors"].get(sel, {}).get("evidence_recall") for s, r in per_seed.items()}
-        table[sel] = {"accuracy": {str(s): v for s, v in acc.items()}, "evidence_recall": {str(s): v for s, v in rec.items()},
+        table[sel] = {"accuracy": {str(s): v for s, v in acc.items()},
+                      "evidence_recall": {str(s): v for s, v in rec.items()},
                       "accuracy_stats": _stats(acc.values()), "evidence_recall_stats": _stats(rec.values())}
-    return {"base": base, "seeds": [int(s) for s in per_seed], "folders": {str(s): r["folder"] for s, r in per_seed.items()},
-            "config_digest": demo.config_digest(config), "config": demo.flatten(demo.config_dict(config)), "selectors": table}
+    return {"base": base, "seeds": [int(s) for s in per_seed],
+            "folders": {str(s): r["folder"] for s, r in per_seed.items()},
+            "config_digest": demo.config_digest(config), "config": demo.flatten(demo.config_dict(config)),
+            "selectors": table}
 
 
 def _stats(values) -> dict[str, float | None]:
@@ -183,7 +187,8 @@ def markdown(result: dict[str, Any]) -> str:
             a, r = row["accuracy"].get(s), row["evidence_recall"].get(s)
             cells.append("n/a" if a is None else f"{100 * a:.1f}" + ("" if r is None else f" ({r:.3f})"))
         st = row["accuracy_stats"]
-        summary = "n/a" if st["mean"] is None else f"**{100 * st['mean']:.1f}** [{100 * st['min']:.1f}, {100 * st['max']:.1f}]"
+        summary = ("n/a" if st["mean"] is None
+                   else f"**{100 * st['mean']:.1f}** [{100 * st['min']:.1f}, {100 * st['max']:.1f}]")
         lines.append(f"| {sel} | " + " | ".join(cells) + f" | {summary} |")
     return "\n".join(lines) + "\n"
 
