@@ -494,3 +494,26 @@ def test_seeds_rerun_the_model_stages_on_the_base_data(first_run, tmp_path):
         seeds.run_seeds(base, tmp_path / "other", [1], small_config(**{"slides.max_foci": 2}))
     seeds.check_base(base, small_config(**{"train.total_steps": 5, "align.steps": 3}))
     assert seeds.main(["--base", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a demo run folder
+
+
+def test_seeds_refuse_a_base_without_the_alignment_sets_the_config_needs(tmp_path):
+    """A model setting may differ from the base's, but not ask for data the base never built."""
+    from sparsewsi.demo import seeds
+
+    config = small_config()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / demo.CONFIG_FILE).write_text(json.dumps(demo.config_dict(config)))
+    for name in seeds.LINKED:
+        (base / name).mkdir()
+    info = {"align_data_path": "x"}  # the base's alignment had no first phase on short bags
+    stages = {s: {"done": True, "wall_s": 1.0, "cpu_s": 1.0, "info": info if s == "dataset" else {}}
+              for s in seeds.DATA_STAGES}
+    (base / demo.STAGES_FILE).write_text(json.dumps(stages))
+    with pytest.raises(demo.DemoError, match="align.short_steps"):
+        seeds.check_base(base, config)
+    seeds.check_base(base, small_config(**{"align.short_steps": 0}))
+    del stages["extract"]
+    (base / demo.STAGES_FILE).write_text(json.dumps(stages))
+    with pytest.raises(demo.DemoError, match="extract are not done"):
+        seeds.check_base(base, config)

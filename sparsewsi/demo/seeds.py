@@ -91,6 +91,14 @@ def check_base(base: pathlib.Path, config) -> dict[str, Any]:
         detail = "; ".join(f"{k}: {a.get(k)!r} in the base, {b.get(k)!r} here" for k in diff[:8])
         raise demo.DemoError(f"{base}: the data were made with other settings ({detail}); seeds share the base's "
                              "slides, features and questions, so make a base with these settings first")
+    # The alignment's sets exist only when the base's alignment (and its first phase) ran.
+    info = stages["dataset"].get("info") or {}
+    needed = [("align.steps", int(config.align.steps), "align_data_path"),
+              ("align.short_steps", int(config.align.get("short_steps", 0)), "align_short_data_path")]
+    for key, value, field in needed:
+        if value > 0 and field not in info:
+            raise demo.DemoError(f"{base}: {key} = {value} needs the alignment set that the base's dataset stage "
+                                 f"did not build ({field} missing from its {demo.STAGES_FILE}); make a base with it")
     return stages
 
 
