@@ -58,10 +58,10 @@ from sparsewsi import atomic
 STAGES = ("slides", "extract", "annotate", "dataset", "align", "train", "polish", "eval", "report")
 STAGES_FILE = "stages.json"
 CONFIG_FILE = "demo_config.json"
-# Settings that do not change any result (throughput and display only): may differ between reruns.
 # The patch geometry a region bag's ``coords`` keep from its slide's (see :func:`_region_coord_attrs`).
 REGION_COORD_ATTRS = ("patch_size", "patch_size_level0", "patch_size_level0_exact", "stride_level0", "mpp",
                       "target_mpp", "read_level", "read_downsample")
+# Settings that do not change any result (throughput and display only): may differ between reruns.
 VOLATILE_KEYS = ("progress", "workers", "extract.batch_size", "extract.threads", "extract.slide_workers",
                  "train.progress",
                  "train.log_every", "eval.batch_size")

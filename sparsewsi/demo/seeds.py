@@ -22,7 +22,8 @@ questions or region bags) must equal the base's, since they are the base's files
 first (``sparsewsi demo --until dataset --out runs/base2 --config.<key>=<value>``).
 
 Writes ``<out>/seeds.json`` and ``<out>/seeds.md`` (atomic): per seed and selector the accuracy and
-evidence recall@k, and their mean, min and max over the seeds.
+evidence recall@k, and their mean, min and max over the seeds; ``wall_s`` is the seconds this call spent
+per seed (~0 for a seed read from the base, its report for a finished seed folder).
 """
 
 from __future__ import annotations
