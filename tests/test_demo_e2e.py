@@ -517,3 +517,44 @@ def test_seeds_refuse_a_base_without_the_alignment_sets_the_config_needs(tmp_pat
     (base / demo.STAGES_FILE).write_text(json.dumps(stages))
     with pytest.raises(demo.DemoError, match="extract are not done"):
         seeds.check_base(base, config)
+
+
+def test_seeds_report_a_failing_seed_and_run_the_others(tmp_path, monkeypatch):
+    """A batch job: a seed whose run fails (here stage 2 diverges) is reported with its reason, left out
+    of the statistics, and the other seeds still run and make the table; the exit status says so."""
+    from sparsewsi.demo import seeds
+
+    config = small_config()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / demo.CONFIG_FILE).write_text(json.dumps(demo.config_dict(config)))
+    for name in seeds.LINKED:
+        (base / name).mkdir()
+    info = {"align_data_path": "x", "align_short_data_path": "y"}
+    stages = {s: {"done": True, "wall_s": 1.0, "cpu_s": 1.0, "info": info if s == "dataset" else {}}
+              for s in seeds.DATA_STAGES}
+    (base / demo.STAGES_FILE).write_text(json.dumps(stages))
+    ran = []
+
+    def fake_run_demo(cfg, folder, command, log):
+        s = int(cfg.train.seed)
+        ran.append(s)
+        if s == 1:
+            raise demo.DemoError("train diverged: non-finite loss at step 57")
+        acc = {2: 0.75, 3: 0.85}[s]
+        return {"eval": {"info": {"selectors": {"learned": {"accuracy": acc, "evidence_recall": 0.9}}}}}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    logs = []
+    res = seeds.run_seeds(base, tmp_path / "out", [1, 2, 3], config, log=logs.append)
+    assert ran == [1, 2, 3]  # the failure did not stop the job
+    assert res["seeds"] == [2, 3] and list(res["failed"]) == ["1"] and "step 57" in res["failed"]["1"]
+    np.testing.assert_allclose(res["selectors"]["learned"]["accuracy_stats"]["mean"], 0.80)
+    assert any("seed 1 FAILED" in m for m in logs)
+    md = (tmp_path / "out" / "seeds.md").read_text()
+    assert "seed 1: train diverged" in md and "| learned | 75.0 (0.900) | 85.0 (0.900) | **80.0**" in md
+    assert json.loads((tmp_path / "out" / "seeds.json").read_text())["failed"] == res["failed"]
+    assert seeds.main(["--base", str(base), "--out", str(tmp_path / "out2"), "--seeds", "1,2", "--config",
+                       str(REPO / "configs" / "demo.py") + ":small", "--set", "num_slides=6",
+                       "--no-progress"]) == 1
+    assert (tmp_path / "out2" / "seeds.md").is_file()

@@ -23,7 +23,10 @@ first (``sparsewsi demo --until dataset --out runs/base2 --config.<key>=<value>`
 
 Writes ``<out>/seeds.json`` and ``<out>/seeds.md`` (atomic): per seed and selector the accuracy and
 evidence recall@k, and their mean, min and max over the seeds; ``wall_s`` is the seconds this call spent
-per seed (~0 for a seed read from the base, its report for a finished seed folder).
+per seed (~0 for a seed read from the base, its report for a finished seed folder). A seed whose run
+fails (e.g. a diverged training stage) is reported, listed under ``failed`` with the reason and left out
+of the statistics; the other seeds run on. Exit status: 0, 1 when a seed failed (the table of the others
+is written), 2 when nothing could run (a bad base, settings or arguments).
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ def run_seeds(base: os.PathLike | str, out: os.PathLike | str, seeds: Sequence[i
     base_stages = check_base(base, config)
     base_digest = demo.config_digest(_load_config_json(base))
     per_seed: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
     wall: dict[int, float] = {}
     for s in seeds:
         cfg = seed_config(config, s)
@@ -138,15 +142,24 @@ def run_seeds(base: os.PathLike | str, out: os.PathLike | str, seeds: Sequence[i
             folder = out / f"seed{s}"
             log(f"seeds: seed {s} -> {folder}")
             prepare_seed_folder(base, folder, base_stages)
-            stages = demo.run_demo(cfg, folder, command=f"python -m sparsewsi.demo.seeds (seed {s})", log=log)
-            per_seed[s] = {"folder": os.fspath(folder), "eval": stages["eval"]["info"]}
+            try:
+                stages = demo.run_demo(cfg, folder, command=f"python -m sparsewsi.demo.seeds (seed {s})", log=log)
+            except demo.DemoError as e:
+                # A seed that fails (a diverged stage, a broken file in its own folder) is reported and left
+                # out of the table; the other seeds still run. Its finished stages stay in its folder.
+                failed[s] = str(e)
+                log(f"seeds: seed {s} FAILED, left out of the table: {e}")
+            else:
+                per_seed[s] = {"folder": os.fspath(folder), "eval": stages["eval"]["info"]}
         wall[s] = round(time.perf_counter() - t0, 1)
     result = summarize(per_seed, base=os.fspath(base), config=config)
+    result["failed"] = {str(s): m for s, m in failed.items()}
     result["wall_s"] = {str(s): w for s, w in wall.items()}
     out.mkdir(parents=True, exist_ok=True)
     demo.write_json_atomic(out / "seeds.json", result)
     atomic.write_text_atomic(out / "seeds.md", markdown(result))
-    log(f"seeds: {out / 'seeds.md'}")
+    log(f"seeds: {out / 'seeds.md'}" + (f" ({len(failed)} of {len(seeds)} seeds failed: "
+                                         f"{', '.join(map(str, failed))})" if failed else ""))
     return result
 
 
@@ -199,6 +212,9 @@ def markdown(result: dict[str, Any]) -> str:
         summary = ("n/a" if st["mean"] is None
                    else f"**{100 * st['mean']:.1f}** [{100 * st['min']:.1f}, {100 * st['max']:.1f}]")
         lines.append(f"| {sel} | " + " | ".join(cells) + f" | {summary} |")
+    if result.get("failed"):
+        lines += ["", "Failed seeds (not in the table; their folders keep the stages they finished):", ""]
+        lines += [f"- seed {s}: {msg}" for s, msg in result["failed"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -224,11 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = apply_overrides(load_config(args.config or str(default_config_path())), args.set)
         if args.no_progress:
             config.progress = False
-        run_seeds(args.base, args.out, seeds, config, log=lambda m: print(m, flush=True))
+        result = run_seeds(args.base, args.out, seeds, config, log=lambda m: print(m, flush=True))
     except (demo.DemoError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"sparsewsi.demo.seeds: {e}", file=sys.stderr)
         return 2
-    return 0
+    for s, msg in result["failed"].items():
+        print(f"sparsewsi.demo.seeds: seed {s} failed: {msg}", file=sys.stderr)
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":
