@@ -344,3 +344,37 @@ def test_mlp_kind_probe_tells_structure_kinds_apart_and_not_labels_the_features_
         shuffled.append(k)
     res = probe.mlp_kind_probe(feats, shuffled, [0, 1, 2, 3], [4, 5], steps=400)
     assert np.mean([res["per_class_accuracy"][probe.ALL_KINDS[k]] for k in shifts]) < 0.7
+
+
+def test_mlp_kind_probe_reads_whole_bags_and_counts_look_alikes_taken_for_evidence():
+    """Slide level: a bag is answered by its most confident evidence patch. A look-alike whose features
+    equal an evidence kind's makes the evidence-free bags that hold it wrong answers; a distinct one not."""
+    rng = np.random.default_rng(1)
+
+    def bags(lookalike_shift):
+        feats, kinds = [], []
+        for b in range(16):
+            x = rng.normal(size=(150, 8)).astype(np.float32)
+            k = np.full(150, -1, np.int8)
+            kind = (0, 1, None, None)[b % 4]
+            if kind is not None:
+                x[:4, kind] += 8.0
+                k[:4] = kind
+            x[10:14, 2] += lookalike_shift  # look-alike (kind 7) patches on every slide
+            k[10:14] = 7
+            feats.append(x)
+            kinds.append(k)
+        return feats, kinds
+
+    train, test = list(range(12)), list(range(12, 16))
+    feats, kinds = bags(8.0)
+    res = probe.mlp_kind_probe(feats, kinds, train, test, steps=400)["slide_answers"]
+    assert res["accuracy"] == 1.0 and {k: n for k, (_, n) in res["by_answer"].items()} == {
+        probe.ALL_KINDS[0]: 1, probe.ALL_KINDS[1]: 1, "none": 2}
+    # Now the look-alikes carry keratin's features: no reader of single patches can tell the keratin slides
+    # from the evidence-free ones (all hold "keratin-like" patches), so some slide answers must be wrong.
+    for x in feats:
+        x[10:14, 2] -= 8.0
+        x[10:14, 0] += 8.0
+    res = probe.mlp_kind_probe(feats, kinds, train, test, steps=400)["slide_answers"]
+    assert res["accuracy"] <= 0.75 and res["by_answer"][probe.ALL_KINDS[1]] == [1, 1]

@@ -85,7 +85,8 @@ def kind_accuracy(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], t
 
 def mlp_kind_probe(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], train: Sequence[int],
                    test: Sequence[int], *, tissue_per_bag: int = 20, hidden: int = 128, steps: int = 1500,
-                   lr: float = 3e-3, squares: bool = True, seed: int = 0) -> dict[str, Any]:
+                   lr: float = 3e-3, squares: bool = True, seed: int = 0,
+                   answer_threshold: float = 0.8) -> dict[str, Any]:
     """A supervised ceiling for the demo's reader: per-patch classification into plain tissue and the
     structure kinds of :data:`ALL_KINDS` by a one-hidden-layer MLP fitted on the ``train`` bags.
 
@@ -99,9 +100,16 @@ def mlp_kind_probe(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], 
       features: per bag, [N, D] raw patch features.
       kinds: per bag, [N] int (:func:`patch_kinds`: index into :data:`ALL_KINDS`, -1 plain tissue).
       train / test: bag indices.
+    Slide level, ``slide_answers``: each test bag read whole by the max rule (the evidence kind of the
+    patch with the highest evidence-kind probability, if above ``answer_threshold``, else "none"), against
+    the bag's evidence kind ("none" without evidence; bags holding several kinds are left out): what a
+    reader of every token who reads each patch as well as this probe would answer. Look-alikes that the
+    probe takes for evidence show up here as wrong answers on evidence-free slides.
+
     Returns:
       ``classes`` (names, "tissue" first), ``per_class_accuracy`` on the test bags' patches (None for a
-      class absent there), ``confusion`` [true][predicted] counts, ``train_patches``, ``test_patches``.
+      class absent there), ``confusion`` [true][predicted] counts, ``train_patches``, ``test_patches``,
+      ``slide_answers`` (``accuracy``, ``by_answer`` {answer: [correct, n]}, ``threshold``).
     """
     import jax
     import jax.numpy as jnp
@@ -161,8 +169,27 @@ def mlp_kind_probe(features: Sequence[np.ndarray], kinds: Sequence[np.ndarray], 
     np.add.at(confusion, (yte, pred), 1)
     per_class = {n: (float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None)
                  for c, n in enumerate(names)}
+    n_ev = len(ss.EVIDENCE_KINDS)  # ALL_KINDS[:n_ev] are the evidence kinds (columns 1..n_ev)
+    by_answer: dict[str, list[int]] = {}
+    for i in test:
+        z = slide_normalized(np.asarray(features[i], np.float32), "bag_robust")
+        if squares:
+            z = np.concatenate([z, np.log1p(z ** 2)], 1)
+        present = sorted({int(k) for k in np.asarray(kinds[i]) if 0 <= k < n_ev})
+        if len(present) > 1:
+            continue
+        truth = ALL_KINDS[present[0]] if present else "none"
+        prob = np.asarray(jax.nn.softmax(logits(params, jnp.asarray(z, jnp.float32)), -1))[:, 1:1 + n_ev].max(0)
+        answer = ALL_KINDS[int(prob.argmax())] if prob.max() > answer_threshold else "none"
+        row = by_answer.setdefault(truth, [0, 0])
+        row[0] += int(answer == truth)
+        row[1] += 1
+    n_slides = sum(n for _, n in by_answer.values())
+    slide_answers = {"accuracy": (sum(c for c, _ in by_answer.values()) / n_slides) if n_slides else None,
+                     "by_answer": dict(sorted(by_answer.items())), "threshold": answer_threshold}
     return {"classes": names, "per_class_accuracy": per_class, "confusion": confusion.tolist(),
-            "train_patches": int(len(ytr)), "test_patches": int(len(yte)), "squares": squares}
+            "train_patches": int(len(ytr)), "test_patches": int(len(yte)), "squares": squares,
+            "slide_answers": slide_answers}
 
 
 def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
