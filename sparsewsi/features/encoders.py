@@ -10,7 +10,9 @@ Covered structures (random weights here; real weights are imported from PyTorch 
   width 768), then ``ln_contrast``. The 512-d feature is taken before ``proj_contrast`` (what
   SlideChat uses); ``project=True`` applies the contrastive projection as well.
 * ``"tiny"`` / ``"tiny-conch"``: the same structures at width 48, depth 2, for tests and demos;
-  ``"tiny-112"``: the tiny ViT at 112 px without LayerScale (the demo's encoder).
+  ``"tiny-112"``: the tiny ViT at 112 px without LayerScale (the demo's encoder);
+  ``"tiny-112-w96"`` / ``"tiny-112-w192"``: the same at width 96 / 192 (random weights: more random
+  features separate more; see ``configs/demo.py``).
 
 Faithfulness notes (why the code looks the way it does): timm LayerNorm eps is 1e-6 in the ViT and
 1e-5 in open_clip's pooler norms; GELU is exact (Flax's default ``nnx.gelu`` is the tanh
@@ -87,6 +89,8 @@ PRESETS: dict[str, EncoderConfig] = {
     # 49 tokens instead of 196, ~5x faster) and without LayerScale, whose 1e-5 init leaves a
     # random-weight CLS output nearly constant across patches.
     "tiny-112": EncoderConfig("tiny-112", image_size=112, width=48, depth=2, heads=3),
+    "tiny-112-w96": EncoderConfig("tiny-112-w96", image_size=112, width=96, depth=2, heads=6),
+    "tiny-112-w192": EncoderConfig("tiny-112-w192", image_size=112, width=192, depth=2, heads=6),
     "tiny-conch": EncoderConfig("tiny-conch", image_size=224, width=48, depth=2, heads=3, pool="attn",
                                 pool_dim=32, pool_heads=4, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
 }
