@@ -1,6 +1,6 @@
 r"""The end-to-end demo (``sparsewsi demo``): synthetic slides -> features -> SparseLearn -> evaluation.
 
-    sparsewsi demo                                  # the full run into runs/demo (~15 min on 2 CPU cores)
+    sparsewsi demo                                  # the full run into runs/demo (9-13 min on 2 CPU cores)
     sparsewsi demo --config configs/demo.py:small   # a few slides, a few steps (minutes; plumbing only)
     sparsewsi demo --config.num_slides=80 --config.train.total_steps=300 --out runs/demo80
 
@@ -50,9 +50,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # (SlideBench questions have at most four options).
         kinds=("keratin_pearl", "psammoma_body", "signet_ring"), none_option=True))
 
-    # Feature extraction: the real `sparsewsi extract` path on the design grid, with the random-weight
-    # `tiny-112` encoder (48-d ViT at 112 px, no LayerScale): 5.4x faster than `tiny` (224 px) on the
-    # demo slides (21 s vs 115 s for 120 slides). Linear probes fitted on its training-slide features
+    # Feature extraction: the real `sparsewsi extract` path on the design grid, with a random-weight tiny ViT at
+    # 112 px without LayerScale (`tiny-112-w96`, 96 wide; the measurements in this paragraph are of `tiny-112`, 48
+    # wide): 5.4x faster than `tiny` (224 px) on the demo slides (21 s vs 115 s for 120 slides). Linear probes fitted on its training-slide features
     # (an earlier benchmark: four kinds, small adipocytes) told the four evidence kinds apart on 100% of
     # held-out evidence patches and found the evidence with top-32 recall 0.96-0.99 (by normalisation).
     # Told apart from every look-alike and from plain tissue too (nine classes, slide-normalised x and
@@ -62,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # mask, grid and writing are serial Python around ~6 encoder batches). From scratch: 93.4 s wall, 165.7 s CPU with
     # 2, against 97.7 s / 117.1 s one at a time an hour earlier on the same machine, which meanwhile ran ~20% slower
     # (the slides stage: 154 s against 124 s): a gain, of uncertain size.
-    # Width 96 (`tiny-112-w96`), not 48: the MLP kind probe reading whole test slides by its most confident patch
+    # Width 96, not 48 (extraction 58 s for 480 slides, from scratch): the MLP kind probe reading whole test slides by its most confident patch
     # (`python -m sparsewsi.demo.probe --run RUN`, `slide_answers`) answered 90.8% on the 48-wide features, 97.5% on
     # 96 and 99.2% on 192: with 48, look-alikes on 9 of 30 evidence-free slides looked like evidence, and a reader of
     # the learned top 32 (which holds every look-alike) could not get past ~90%. Same slides, default otherwise (this
