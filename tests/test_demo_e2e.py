@@ -496,20 +496,28 @@ def test_seeds_rerun_the_model_stages_on_the_base_data(first_run, tmp_path):
     assert seeds.main(["--base", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a demo run folder
 
 
+def fake_seeds_base(base: pathlib.Path, config, dataset_info: dict):
+    """A demo run folder that ``seeds.check_base`` accepts without any data: ``config``, empty linked folders,
+    the data stages recorded as done (the dataset stage's info = ``dataset_info``). Returns (base, stages)."""
+    from sparsewsi.demo import seeds
+
+    base.mkdir()
+    (base / demo.CONFIG_FILE).write_text(json.dumps(demo.config_dict(config)))
+    for name in seeds.LINKED:
+        (base / name).mkdir()
+    stages = {s: {"done": True, "wall_s": 1.0, "cpu_s": 1.0, "info": dataset_info if s == "dataset" else {}}
+              for s in seeds.DATA_STAGES}
+    (base / demo.STAGES_FILE).write_text(json.dumps(stages))
+    return base, stages
+
+
 def test_seeds_refuse_a_base_without_the_alignment_sets_the_config_needs(tmp_path):
     """A model setting may differ from the base's, but not ask for data the base never built."""
     from sparsewsi.demo import seeds
 
     config = small_config()
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / demo.CONFIG_FILE).write_text(json.dumps(demo.config_dict(config)))
-    for name in seeds.LINKED:
-        (base / name).mkdir()
-    info = {"align_data_path": "x"}  # the base's alignment had no first phase on short bags
-    stages = {s: {"done": True, "wall_s": 1.0, "cpu_s": 1.0, "info": info if s == "dataset" else {}}
-              for s in seeds.DATA_STAGES}
-    (base / demo.STAGES_FILE).write_text(json.dumps(stages))
+    # The base's alignment had no first phase on short bags.
+    base, stages = fake_seeds_base(tmp_path / "base", config, {"align_data_path": "x"})
     with pytest.raises(demo.DemoError, match="align.short_steps"):
         seeds.check_base(base, config)
     seeds.check_base(base, small_config(**{"align.short_steps": 0}))
@@ -525,15 +533,7 @@ def test_seeds_report_a_failing_seed_and_run_the_others(tmp_path, monkeypatch):
     from sparsewsi.demo import seeds
 
     config = small_config()
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / demo.CONFIG_FILE).write_text(json.dumps(demo.config_dict(config)))
-    for name in seeds.LINKED:
-        (base / name).mkdir()
-    info = {"align_data_path": "x", "align_short_data_path": "y"}
-    stages = {s: {"done": True, "wall_s": 1.0, "cpu_s": 1.0, "info": info if s == "dataset" else {}}
-              for s in seeds.DATA_STAGES}
-    (base / demo.STAGES_FILE).write_text(json.dumps(stages))
+    base, _ = fake_seeds_base(tmp_path / "base", config, {"align_data_path": "x", "align_short_data_path": "y"})
     ran = []
 
     def fake_run_demo(cfg, folder, command, log):
