@@ -185,7 +185,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # without "none of these", lost most of its recall under constant noise 1.0: 47.5%, 0.50 against 75.8%, 0.976.)
         # With the 96-wide features (above), noise 1.0 left signet-ring recall@32 at 0.44 (learned 81.7%); 2.0 gave 0.66
         # (85.8%), and 2.0 with the scorer at twice the base rate (param_groups) 0.94 (89.2%, recall@32 0.972 overall);
-        # 3.0 with it lost every kind but keratin (52.5%). A scorer at 0.5 or 0.25 of the rate found keratin only.
+        # 3.0 with it lost every kind but keratin (52.5%). A scorer at 0.5 of the rate (noise 1.0) found keratin only
+        # (51.7%; at 192 wide, 0.25: 52.5%).
         score_noise=2.0, score_noise_steps=150,
         # gate_floor: for its first 50 steps the noise gate keeps every token at least partly clean (floor 0.5
         # falling to 0), so that a reader can answer from evidence the young scorer ranks low, and the scorer gets a
