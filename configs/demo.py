@@ -68,7 +68,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # the learned top 32 (which holds every look-alike) could not get past ~90%. Same slides, default otherwise (this
     # machine): 48 wide, learned / all / oracle 84.2 / 73.3 / 90.0%; 96 wide 81.7 / 80.0 / 95.0% with stage 2 as it
     # was (signet-ring recall@32 0.44), and 89.2 / 88.3 / 92.5% (recall@32 0.972) with more exploration (below);
-    # 192 wide 50.0 / 90.0 / 93.3% (stage 2 found keratin only) and extraction ~1.7x slower. With this stage 2 (noise
+    # 192 wide 50.0 / 90.0 / 93.3% (stage 2 found keratin only); its extract stage took
+    # 217 s against 125 s for 96 wide, the two runs side by side on the 2 cores. With this stage 2 (noise
     # 2.0, scorer x2), 192 wide gave 95.0% (recall@32 0.944) at seed 0 but 73.3% (0.654) and 45.8% (0.269) at seeds
     # 1 and 2 (their readers fine: oracle 94.2, 96.7%), where 96 wide gives 89.2, 90.0, 89.2%: 96 is the default.
     c.extract = ml_collections.ConfigDict(dict(

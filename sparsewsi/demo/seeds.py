@@ -24,9 +24,10 @@ first (``sparsewsi demo --until dataset --out runs/base2 --config.<key>=<value>`
 Writes ``<out>/seeds.json`` and ``<out>/seeds.md`` (atomic): per seed and selector the accuracy and
 evidence recall@k, and their mean, min and max over the seeds; ``wall_s`` is the seconds this call spent
 per seed (~0 for a seed read from the base, its report for a finished seed folder). A seed whose run
-fails (e.g. a diverged training stage) is reported, listed under ``failed`` with the reason and left out
-of the statistics; the other seeds run on. Exit status: 0, 1 when a seed failed (the table of the others
-is written), 2 when nothing could run (a bad base, settings or arguments).
+fails with a ``DemoError`` (e.g. a diverged training stage, a damaged file in its own folder) is
+reported, listed under ``failed`` with the reason and left out of the statistics; the other seeds run
+on. Exit status: 0, 1 when a seed failed (the table of the others is written), 2 when nothing could
+run (a bad base, settings or arguments).
 """
 
 from __future__ import annotations
